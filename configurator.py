@@ -9,6 +9,8 @@ Arguments are processed left to right:
   functions and classes skipped) override the defaults;
 - `--key=value` overrides one key. The value is read with ast.literal_eval,
   falling back to the raw string, and must match the type of the default.
+  A bool key may also be given bare: `--force` means `--force=True`.
+  `--key value` (with a space) is not accepted.
 
 Unlike nanoGPT's configurator this returns a dict instead of poking globals(),
 and every mistake (unknown key, wrong type, missing file) is a ConfigError with
@@ -120,10 +122,13 @@ def parse_config(argv, defaults, *, ignore_unknown_file_keys=False):
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
-            if not eq:
-                raise ConfigError(f"bad argument '{arg}': use --{key}=VALUE (with '=', not a space)")
             if key not in defaults:
                 raise _unknown_key(key, defaults, "")
+            if not eq:
+                if isinstance(defaults[key], bool):
+                    raw = "True"  # a bare --force means --force=True
+                else:
+                    raise ConfigError(f"bad argument '{arg}': use --{key}=VALUE (with '=', not a space)")
             config[key] = _parse_cli_value(key, raw, defaults[key])
         elif arg.startswith("-"):
             raise ConfigError(f"bad argument '{arg}': use --key=VALUE or a config file path")

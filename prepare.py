@@ -94,7 +94,7 @@ BPE_SAMPLE_CHARS = 100 * 2**20  # the tokenizer trains on at most this much of t
 VAL_FRACTION = 0.1              # for single-document sources
 READ_BYTES = 4 * 2**20          # text files are read in blocks of this size...
 PIECE_CHARS = 2**20             # ...and a long document is encoded in pieces of about this size
-BATCH_CHARS = 16 * 2**20        # text per encode_ordinary_batch call: bounds memory while tokenizing
+BATCH_CHARS = 8 * 2**20         # text per encode_ordinary_batch call: bounds memory while tokenizing
 THREADS = min(8, os.cpu_count() or 1)
 TEXT_SNIFF_BYTES = 64 * 1024    # how much of a file is checked for binary content up front
 
@@ -266,7 +266,7 @@ def get_source(cfg, data_dir):
         name = hashlib.sha256(cfg['url'].encode()).hexdigest()[:8] + '-' + re.sub(r'[^A-Za-z0-9_.-]', '_', name)
         path = os.path.join(raw_dir, name)
         sha = fetch(cfg['url'], path, cfg['sha256'].lower() or None)
-        return file_source([(path, sha)], cfg, f"{cfg['url']}")
+        return file_source([(path, sha)], cfg, cfg['url'])
     if cfg['input']:
         paths = input_files(cfg['input'])
         return file_source([(p, file_sha256(p)) for p in paths], cfg, f"local files: {cfg['input']}")
@@ -277,7 +277,7 @@ def get_source(cfg, data_dir):
         path = os.path.join(raw_dir, name)
         files.append((path, fetch(url, path, sha)))
     if len(files) == 2:  # the dataset comes with its own (train, val) files
-        (train_path, train_sha), (val_path, val_sha) = files
+        (train_path, _), (val_path, _) = files
         return Source(
             description=f"{cfg['dataset']}: " + ', '.join(url for _, url, _ in DOWNLOADS[cfg['dataset']]),
             sha256=combined_sha256(files), files=file_infos(files),
@@ -722,6 +722,7 @@ def download(url, path, sha256=None, *, retries=5, backoff=1.0, timeout=30, chun
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     part = path + '.part'
     host = urlparse(url).netloc
+    print(f"downloading {url} to {path}")
     failures = 0
     state = dict(reached=False)  # whether the server ever answered: if not, a connection error means offline
     while True:
@@ -747,7 +748,8 @@ def download(url, path, sha256=None, *, retries=5, backoff=1.0, timeout=30, chun
             raise UserError(f"download of {url} failed after {retries} retries ({reason}); "
                             f"run again to resume from {part}")
         wait = min(backoff * 2 ** (failures - 1), 30)
-        print(f"\n{reason}; retrying in {wait:.0f}s ({failures}/{retries})", flush=True)
+        newline = '\n' if sys.stdout.isatty() else ''  # end a progress line drawn in place
+        print(f"{newline}{reason}; retrying in {wait:.0f}s ({failures}/{retries})", flush=True)
         time.sleep(wait)
 
     check = text_problem(_head(part), complete=os.path.getsize(part) < TEXT_SNIFF_BYTES)

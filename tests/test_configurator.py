@@ -105,6 +105,9 @@ def test_bad_arguments(tmp_path):
     assert str(e.value) == "config file config/x.py not found"
     with pytest.raises(ConfigError, match=r"use --max_iters=VALUE \(with '=', not a space\)"):
         parse_config(['--max_iters', '5'], DEFAULTS)
+    assert parse_config(['--compile'], DEFAULTS)['compile'] is True  # a bare bool flag means True
+    with pytest.raises(ConfigError, match="unknown config key 'nope'"):
+        parse_config(['--nope'], DEFAULTS)
     with pytest.raises(ConfigError, match="use --key=VALUE or a config file path"):
         parse_config(['-x'], DEFAULTS)
     bad = write(tmp_path, 'bad.py', "max_iters = (\n")
