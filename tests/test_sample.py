@@ -1,0 +1,225 @@
+"""sample.py on a tiny random model: the output format, seeds, greedy = a plain uncached decode, batched file
+prompts, stopping at <|endoftext|>, no data folder needed, and every user mistake as one line with exit code 2."""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as model_module
+import prepare
+import sample
+import train
+from model import DeepSeekLM, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # a tiny model gains nothing from threads, and on shared cores extra threads can stall it badly
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """A checkpoint in train.py's format: random tiny model, the tokenizer of two plays. The data folder the
+    tokenizer came from is deleted, so only the checkpoint is left. Returns (ckpt path, model, tokenizer)."""
+    data_dir = tmp_path_factory.mktemp('data') / 'tiny'
+    prepare.main([f'--data_dir={data_dir}', '--max_docs=2', '--val_docs=1', '--vocab_size=300'])
+    spec = prepare.tokenizer_spec(str(data_dir))
+    shutil.rmtree(data_dir)
+    enc = prepare.load_tokenizer(spec)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=enc.n_vocab, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, head_dim=16, n_latent=4,
+                      n_expert=4, n_expert_active=2, expert_hidden=32, block_size=BLOCK)
+    model = DeepSeekLM(cfg).eval()
+    path = str(tmp_path_factory.mktemp('ckpt') / 'ckpt.pt')
+    torch.save({'format': train.CKPT_FORMAT, 'model': model.state_dict(), 'model_args': dataclasses.asdict(cfg),
+                'optimizer': {}, 'iter_num': 100, 'best_val_loss': 5.0, 'config': {'out_dir': 'out-tiny'},
+                'tokenizer': spec, 'rng': {}}, path)
+    return path, model, enc
+
+
+def run(capsys, *args):
+    """sample.main in this process: (returned texts, stdout, stderr)."""
+    texts = sample.main(list(args))
+    out, err = capsys.readouterr()
+    return texts, out, err
+
+
+def headers(stdout):
+    return [line for line in stdout.splitlines() if line.startswith('--- sample ')]
+
+
+def greedy_reference(model, enc, prompt_ids, max_new_tokens):
+    """Greedy decoding the plain way: a full forward over the last block_size tokens for every new token."""
+    eot = enc.encode_single_token(prepare.EOT)
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits, _ = model(torch.tensor([ids[-BLOCK:]]))
+            nxt = int(logits[0, -1].argmax())
+            if nxt == eot:
+                break
+            ids.append(nxt)
+    return enc.decode([t for t in ids if t != eot])
+
+
+# -----------------------------------------------------------------------------
+# output
+
+def test_cli_prints_five_numbered_samples(tiny, tmp_path):
+    ckpt, _, _ = tiny
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--ckpt', ckpt, '--num_samples', '5',
+                        '--max_new_tokens', '8'], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert headers(p.stdout) == [f'--- sample {i} ---' for i in range(1, 6)]
+    assert p.stdout.startswith('--- sample 1 ---\n')
+    assert 'tokens/s' in p.stderr and 'tokens/s' not in p.stdout   # stdout holds only the samples
+
+
+def test_same_seed_same_samples(tiny, capsys):
+    args = ['--ckpt=' + tiny[0], '--num_samples=3', '--max_new_tokens=12', '--temperature=1.0']
+    _, a, _ = run(capsys, *args, '--seed=7')
+    _, b, _ = run(capsys, *args, '--seed=7')
+    _, c, _ = run(capsys, *args, '--seed=8')
+    assert a == b
+    assert a != c
+
+
+def test_greedy_equals_uncached_decode(tiny, capsys):
+    ckpt, model, enc = tiny
+    # 40 new tokens after the prompt run past block_size 32: the window slides in both decodes
+    texts, out, _ = run(capsys, f'--ckpt={ckpt}', '--start=ROMEO:', '--temperature=0', '--num_samples=2',
+                        '--max_new_tokens=40')
+    want = greedy_reference(model, enc, enc.encode('ROMEO:'), 40)
+    assert texts == [want, want]
+    assert out == f'--- sample 1 ---\n{want}\n--- sample 2 ---\n{want}\n'
+
+
+def test_file_prompts_are_one_left_padded_batch(tiny, capsys, tmp_path):
+    ckpt, model, enc = tiny
+    prompts = ['ROMEO:', 'Good morrow, my lord, and what news', '<|endoftext|>KING']
+    path = tmp_path / 'prompts.txt'
+    path.write_text(prompts[0] + '\n' + prompts[1] + '\n\n' + prompts[2] + '\n')   # a blank line is skipped
+    texts, out, _ = run(capsys, f'--ckpt={ckpt}', f'--start=FILE:{path}', '--temperature=0', '--max_new_tokens=10')
+    # each row of the padded batch decodes exactly as its prompt does alone
+    want = [greedy_reference(model, enc, enc.encode(p, allowed_special={prepare.EOT}), 10) for p in prompts]
+    assert texts == want
+    assert len(headers(out)) == 3
+    assert texts[2].startswith('KING')   # the <|endoftext|> of the prompt is a token, and is not printed
+
+
+def test_generation_stops_at_endoftext(tiny, capsys, monkeypatch):
+    ckpt, _, enc = tiny
+    eot, word = enc.encode_single_token(prepare.EOT), enc.encode(' la')[0]
+    stop = [2, 5]   # row 0 emits <|endoftext|> as its 3rd token, row 1 as its 6th
+    steps = []      # tokens drawn by each generate() call (sample.py warms up with a short one first)
+    real_generate = DeepSeekLM.generate
+
+    def counting_generate(self, *args, **kwargs):
+        steps.append(0)
+        return real_generate(self, *args, **kwargs)
+
+    def scripted(logits, *args):
+        steps[-1] += 1
+        return torch.tensor([eot if steps[-1] > s else word for s in stop])
+
+    monkeypatch.setattr(DeepSeekLM, 'generate', counting_generate)
+    monkeypatch.setattr(model_module, 'sample_next_token', scripted)
+    texts, _, err = run(capsys, f'--ckpt={ckpt}', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=50')
+    assert texts == ['ROMEO:' + enc.decode([word] * 2), 'ROMEO:' + enc.decode([word] * 5)]
+    assert steps[-1] == 6   # stopped once every row was done, not after 50
+    assert '9 tokens in' in err   # 3 + 6, each <|endoftext|> included
+
+
+def test_runs_from_the_checkpoint_alone(tiny, capsys, tmp_path, monkeypatch):
+    """Defaults: out-deepseek/ckpt.pt, five samples, each a new document. No data folder anywhere."""
+    os.makedirs(tmp_path / 'out-deepseek')
+    shutil.copy(tiny[0], tmp_path / 'out-deepseek' / 'ckpt.pt')
+    monkeypatch.chdir(tmp_path)
+    texts, out, err = run(capsys, '--max_new_tokens=6')
+    assert len(texts) == 5 and len(headers(out)) == 5
+    assert 'loaded out-deepseek/ckpt.pt' in err
+    assert os.listdir(tmp_path) == ['out-deepseek']
+    # --ckpt=best picks ckpt_best.pt
+    shutil.copy(tiny[0], tmp_path / 'out-deepseek' / 'ckpt_best.pt')
+    _, _, err = run(capsys, '--ckpt', 'best', '--max_new_tokens=2')
+    assert 'loaded out-deepseek/ckpt_best.pt' in err
+
+
+def test_key_space_value_is_key_equals_value():
+    argv = ['config/x.py', '--num_samples', '5', '--compile', '--start', 'ROMEO: -- hi', '--temperature', '-1',
+            '--top_k=3', '--use_cache', 'False']
+    assert sample.space_separated_values(argv, sample.DEFAULTS) == [
+        'config/x.py', '--num_samples=5', '--compile', '--start=ROMEO: -- hi', '--temperature=-1', '--top_k=3',
+        '--use_cache=False']
+
+
+def test_long_prompt_is_cropped_with_a_warning(tiny, capsys):
+    ckpt, model, enc = tiny
+    prompt = ' '.join(['and the king'] * 20)
+    ids = enc.encode(prompt)
+    assert len(ids) > BLOCK
+    texts, _, err = run(capsys, f'--ckpt={ckpt}', f'--start={prompt}', '--temperature=0', '--num_samples=1',
+                        '--max_new_tokens=5')
+    assert (f'warning: the prompt is {len(ids)} tokens, the model sees at most {BLOCK}: '
+            f'keeping its last {BLOCK - 1}') in err
+    assert texts == [greedy_reference(model, enc, ids[-(BLOCK - 1):], 5)]
+
+
+# -----------------------------------------------------------------------------
+# mistakes: one line on stderr, exit code 2, no traceback
+
+def test_missing_checkpoint_cli(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'sample.py'), '--num_samples', '5'], capture_output=True,
+                       text=True, cwd=tmp_path, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+    assert p.returncode == 2
+    assert p.stdout == ''
+    assert p.stderr == ("error: no checkpoint at out-deepseek/ckpt.pt: "
+                        "train first with `python train.py config/deepseek.py`\n")
+
+
+def write_truncated(tiny, path):
+    with open(tiny[0], 'rb') as f:
+        data = f.read()
+    path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize('make, args, message', [
+    (None, ['--out_dir=nowhere'],
+     'no checkpoint at nowhere/ckpt.pt: train first with `python train.py --out_dir=nowhere`'),
+    (None, ['--ckpt=nowhere.pt'], 'no checkpoint at nowhere.pt'),
+    (lambda tiny, p: torch.save({'model': {}}, p), [], 'is not a checkpoint of this repo'),
+    (lambda tiny, p: torch.save({'format': 'nanogpt/0'}, p), [], 'is not a checkpoint of this repo'),
+    (write_truncated, [], 'cannot read checkpoint'),
+    (lambda tiny, p: p.write_bytes(b'not a checkpoint at all'), [], 'cannot read checkpoint'),
+    (lambda tiny, p: shutil.copy(tiny[0], p), ['--num_sample=5'],
+     "unknown config key 'num_sample' (did you mean 'num_samples'?)"),
+    (lambda tiny, p: shutil.copy(tiny[0], p), ['--start=FILE:no-such-prompts.txt'],
+     'prompt file no-such-prompts.txt not found'),
+    (lambda tiny, p: shutil.copy(tiny[0], p), ['--temperature=-1'], 'temperature must be >= 0'),
+    (lambda tiny, p: shutil.copy(tiny[0], p), ['--max_new_tokens'], '--max_new_tokens needs a value'),
+])
+def test_mistakes_are_one_line(tiny, capsys, tmp_path, monkeypatch, make, args, message):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / 'ckpt.pt'
+    if make:
+        make(tiny, path)
+        args = [f'--ckpt={path}', *args]
+    with pytest.raises(SystemExit) as e:
+        sample.main(args)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2
+    assert out == ''
+    assert err.startswith('error: ') and err.count('\n') == 1 and message in err, err
