@@ -293,6 +293,10 @@ def main(argv):
                     'data': data_rng.bit_generator.state},
         }, path)
 
+    def diverged(what):
+        kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint was written"
+        return UserError(f"{what}: training diverged; lower --learning_rate ({kept})")
+
     # --- the loop --------------------------------------------------------------------------------
     model.train()
     start_iter, t_start = iter_num, time.time()
@@ -306,8 +310,7 @@ def main(argv):
         if (iter_num % cfg['eval_interval'] == 0 or last) and not (iter_num == start_iter and start_iter > 0):
             ev = evaluate()
             if not math.isfinite(ev['val_loss']):
-                raise UserError(f"val loss is {ev['val_loss']} at iter {iter_num}: training diverged; lower "
-                                f"--learning_rate. The last good checkpoint {ckpt_path} is kept")
+                raise diverged(f"val loss is {ev['val_loss']} at iter {iter_num}")
             log({'kind': 'eval', 'iter': iter_num, **ev},
                 f"eval {iter_num}: train loss {ev['train_loss']:.4f} | val loss {ev['val_loss']:.4f} | "
                 f"val bpb {ev['val_bpb']:.4f} | val MaxVio max {ev['val_max_vio']:.3f} mean {ev['val_max_vio_mean']:.3f}")
@@ -341,8 +344,7 @@ def main(argv):
         if iter_num % cfg['log_interval'] == 0:
             lossf = loss.item() * cfg['gradient_accumulation_steps']
             if not math.isfinite(lossf):
-                raise UserError(f"loss is {lossf} at iter {iter_num}: training diverged; lower --learning_rate. "
-                                f"The last good checkpoint {ckpt_path} is kept")
+                raise diverged(f"loss is {lossf} at iter {iter_num}")
             t1 = time.time()
             step_s, t0, t0_iter = (t1 - t0) / (iter_num - t0_iter), t1, iter_num
             # the first interval includes compilation: the second one restarts the ETA's moving average

@@ -144,3 +144,15 @@ def test_lr_schedule():
     assert abs(lrs[10] - 1.0) < 1e-9                       # peak, then cosine
     assert abs(lrs[60] - (0.1 + 0.45)) < 1e-9              # halfway down
     assert lrs[110] == lrs[119] == 0.1                     # floor after lr_decay_iters (= max_iters)
+
+
+def test_divergence_stops_cleanly_and_keeps_last_checkpoint(data_dir, tmp_path):
+    out = str(tmp_path / 'nan')
+    common = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--log_interval=1', '--eval_interval=4']
+    run_train(*common, '--max_iters=4')
+    before = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
+    p = run_train(*common, '--max_iters=40', '--init_from=resume', '--learning_rate=1e9', '--min_lr=1e9', check=False)
+    assert p.returncode == 2 and 'training diverged' in p.stderr and 'Traceback' not in p.stderr
+    assert f'the last good checkpoint {out}/ckpt.pt is kept' in p.stderr
+    after = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert after['iter_num'] == 4 and all(torch.equal(before[k], after['model'][k]) for k in before)
