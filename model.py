@@ -446,7 +446,7 @@ class DeepSeekLM(nn.Module):
             cache.padded = cache.padded or attention_mask is not None
         pos = pos.clamp(min=0)
         padded = attention_mask is not None or (cache is not None and cache.padded)
-        if not padded:
+        if not padded and (past == 0 or T == 1):
             return pos, None, past == 0
         S = past + new_latents + T
         if cache is not None:

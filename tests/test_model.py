@@ -1,0 +1,805 @@
+"""model.py checked against slow, obviously-correct references written here (explicit loops, hand-written
+softmax, torch built-ins), on tiny fp32 models: sizes, config checks, init, RoPE, causality, the attention fast
+paths, left padding, the dropless MoE and its loss-free balancing, generation with the KV cache, MLA,
+torch.compile / bf16 autocast, and the FLOPs estimate."""
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import DeepSeekLM, ModelConfig, MoE, apply_rope, attend, rope_tables, sample_next_token
+
+ATOL = 1e-5
+
+TINY = dict(vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, n_latent=4, n_expert=4,
+            n_expert_active=2, expert_hidden=64, block_size=32, expert_dropout=0.0, router_jitter=0.0)
+
+# attention variants: the seed's latent-token GQA, and MLA with / without latents and a low-rank query
+VARIANTS = {
+    'latent': dict(attention='latent'),
+    'latent-nolat': dict(attention='latent', n_latent=0),
+    'mla': dict(attention='mla'),
+    'mla-qlora-nolat': dict(attention='mla', n_latent=0, q_lora_rank=32),
+}
+variants = pytest.mark.parametrize('variant', list(VARIANTS))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models gain nothing from threads, and on shared cores extra threads can stall badly
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(**kw):
+    return ModelConfig(**{**TINY, **kw})
+
+
+def sharpen(module, seed, std=0.1):
+    """Re-draw the weights larger than the 0.02 init so that attention is far from uniform and the logits
+    have clear winners (greedy comparisons never hinge on a near tie); norm weights get drawn too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            else:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def make_model(variant='latent', seed=0, **kw):
+    torch.manual_seed(seed)
+    return sharpen(DeepSeekLM(tiny_cfg(**{**VARIANTS[variant], **kw})), seed).eval()
+
+
+def tokens(shape, seed, vocab=256):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# slow references
+
+def softmax_ref(s, dim=-1):
+    e = (s - s.amax(dim, keepdim=True)).exp()
+    return e / e.sum(dim, keepdim=True)
+
+
+def rmsnorm_ref(x, weight, eps):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_ref(x, pos, theta):
+    """x (B, T, H, D), pos (B, T): rotate each pair (i, i + D/2) by pos * theta^(-2i/D), one pair at a time."""
+    B, T, _, D = x.shape
+    half = D // 2
+    out = torch.empty_like(x)
+    for b in range(B):
+        for t in range(T):
+            p = int(pos[b, t])
+            for i in range(half):
+                a = p * theta ** (-2 * i / D)
+                c, s = math.cos(a), math.sin(a)
+                x1, x2 = x[b, t, :, i], x[b, t, :, i + half]
+                out[b, t, :, i] = x1 * c - x2 * s
+                out[b, t, :, i + half] = x1 * s + x2 * c
+    return out
+
+
+def positions(real):
+    """RoPE positions of a left-padded batch: real tokens count from 0, pads sit at 0."""
+    pos = torch.zeros(real.shape, dtype=torch.long)
+    for b in range(real.size(0)):
+        n = 0
+        for t in range(real.size(1)):
+            if real[b, t]:
+                pos[b, t] = n
+                n += 1
+    return pos
+
+
+def allowed_ref(L, real):
+    """(B, T, L+T) bool: query t sees every latent and the real tokens <= t (and always itself)."""
+    B, T = real.shape
+    allowed = torch.zeros(B, T, L + T, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T):
+            for s in range(L + T):
+                allowed[b, t, s] = s < L or (s - L <= t and bool(real[b, s - L])) or s - L == t
+    return allowed
+
+
+def attention_ref(q, k, v, allowed, scale):
+    """q (B, T, H, Dqk), k (B, S, H, Dqk), v (B, S, H, Dv), allowed (B, T, S) -> (B, T, H*Dv)."""
+    s = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) * scale                  # (B, H, T, S)
+    s = s.masked_fill(~allowed[:, None], float('-inf'))
+    return (softmax_ref(s) @ v.transpose(1, 2)).transpose(1, 2).flatten(2)
+
+
+def latent_attention_ref(attn, x, pos, allowed, theta):
+    """LatentTokenAttention from its weights: GQA via repeat_interleave, RoPE on tokens only."""
+    B, T, _ = x.shape
+    H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    L = attn.latent.size(0)
+    q = rope_ref((x @ attn.wq.weight.T).view(B, T, H, D), pos, theta)
+    k = rope_ref((x @ attn.wk.weight.T).view(B, T, Hkv, D), pos, theta)
+    v = (x @ attn.wv.weight.T).view(B, T, Hkv, D)
+    k_lat = (attn.latent @ attn.wk.weight.T).view(1, L, Hkv, D).expand(B, L, Hkv, D)   # never rotated
+    v_lat = (attn.latent @ attn.wv.weight.T).view(1, L, Hkv, D).expand(B, L, Hkv, D)
+    k = torch.cat([k_lat, k], 1).repeat_interleave(H // Hkv, dim=2)
+    v = torch.cat([v_lat, v], 1).repeat_interleave(H // Hkv, dim=2)
+    return attention_ref(q, k, v, allowed, 1 / math.sqrt(D)) @ attn.wo.weight.T
+
+
+def mla_ref(attn, cfg, x, pos, allowed, theta):
+    """DeepSeek-V2 MLA from its definition: c_kv = norm(W_DKV x), k = [W_UK c_kv | rope(W_KR x)] with the rope
+    key shared by the heads, v = W_UV c_kv, q = [q_nope | rope(q_rope)], scale 1/sqrt(nope + rope)."""
+    B, T, _ = x.shape
+    H, nope, rope, vd, rank = cfg.n_head, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank:
+        q = rmsnorm_ref(x @ attn.wq_a.weight.T, attn.q_norm.weight, cfg.norm_eps) @ attn.wq_b.weight.T
+    else:
+        q = x @ attn.wq.weight.T
+    q = q.view(B, T, H, nope + rope)
+    q = torch.cat([q[..., :nope], rope_ref(q[..., nope:], pos, theta)], -1)
+
+    def compress(z):
+        a = z @ attn.wkv_a.weight.T
+        return rmsnorm_ref(a[..., :rank], attn.kv_norm.weight, cfg.norm_eps), a[..., rank:]
+
+    c, kr = compress(x)
+    kr = rope_ref(kr[:, :, None], pos, theta)[:, :, 0]
+    lc, lr = compress(attn.latent)
+    L = lc.size(0)
+    c = torch.cat([lc.expand(B, L, rank), c], 1)
+    kr = torch.cat([lr.expand(B, L, rope), kr], 1)
+    kv = (c @ attn.wkv_b.weight.T).view(B, L + T, H, nope + vd)
+    k = torch.cat([kv[..., :nope], kr[:, :, None].expand(B, L + T, H, rope)], -1)
+    return attention_ref(q, k, kv[..., nope:], allowed, (nope + rope) ** -0.5) @ attn.wo.weight.T
+
+
+def moe_ref(moe, x, router_input=None):
+    """Naive dropless MoE, token by token: fp32 router, top-k on scores + bias, gates = the chosen unbiased
+    scores renormalised, expert e = silu(x @ w1[e]) @ w2[e]. x (N, D) -> y (N, D), counts (n_expert,)."""
+    r_in = x if router_input is None else router_input
+    logits = r_in.float() @ moe.router.weight.float().T
+    scores = torch.softmax(logits, -1) if moe.score == 'softmax' else torch.sigmoid(logits)
+    E = scores.size(1)
+    counts = torch.zeros(E)
+    ys = []
+    for n in range(x.size(0)):
+        chosen = sorted(range(E), key=lambda e: -(scores[n, e] + moe.expert_bias[e]).item())[:moe.k]
+        total = sum(scores[n, e] for e in chosen)
+        y = torch.zeros_like(x[n])
+        for e in chosen:
+            y = y + scores[n, e] / total * (F.silu(x[n] @ moe.w1[e]) @ moe.w2[e])
+            counts[e] += 1
+        ys.append(y)
+    y = torch.stack(ys)
+    if moe.shared is not None:
+        y = y + F.silu(x @ moe.shared[0].weight.T) @ moe.shared[2].weight.T
+    return y, counts
+
+
+def greedy_ref(model, idx, n):
+    """Greedy decoding by repeated full forwards over the last block_size tokens."""
+    bs = model.config.block_size
+    for _ in range(n):
+        logits, _ = model(idx[:, -bs:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. sizes of the seed
+
+def seed_params(c, mla=False):
+    """Parameter count from the architecture card (tied embedding counted once), all and active."""
+    d, H = c.n_embd, c.n_head
+    if mla:
+        qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        q = d * H * qk if not c.q_lora_rank else d * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * H * qk
+        attn = (q + d * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
+                + c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim) + H * c.v_head_dim * d)
+    else:
+        attn = d * H * c.head_dim + 2 * d * c.n_kv_head * c.head_dim + H * c.head_dim * d
+    attn += c.n_latent * d
+    expert = 2 * d * c.expert_hidden
+    common = attn + 2 * d + d * c.n_expert + c.n_shared_expert * expert   # 2 RMSNorms, router, shared
+    total = c.vocab_size * d + c.n_layer * (common + c.n_expert * expert) + d
+    active = c.vocab_size * d + c.n_layer * (common + c.n_expert_active * expert) + d
+    return total, active
+
+
+def test_seed_sizes_on_meta():
+    with torch.device('meta'):
+        m = DeepSeekLM(ModelConfig())
+    assert m.num_params() == 679_809_792
+    assert m.num_params(active=True) == 226_824_960
+    assert m.kv_cache_numel_per_token() == 12_288
+    c = m.config
+    # embedding 49152x768 tied; per layer q 768x768, k,v 768x256, o 768x768, 8x768 latents, 2 RMSNorms,
+    # router 768x8, 8 experts of 768x2048x2; final norm
+    per_layer = 768 * 768 + 2 * 768 * 256 + 768 * 768 + 8 * 768 + 2 * 768 + 768 * 8 + 8 * 768 * 2048 * 2
+    assert m.num_params() == 49152 * 768 + 24 * per_layer + 768
+    assert m.num_params(active=True) == 49152 * 768 + 24 * (per_layer - 6 * 768 * 2048 * 2) + 768
+    assert seed_params(c) == (m.num_params(), m.num_params(active=True))
+    assert m.kv_cache_numel_per_token() == 24 * 2 * 4 * 64   # K and V, 4 kv heads of 64, per layer
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. config validation
+
+@pytest.mark.parametrize('kw, field', [
+    (dict(n_head=12, n_kv_head=5), 'n_kv_head'),
+    (dict(n_expert=4, n_expert_active=5), 'n_expert_active'),
+    (dict(head_dim=15), 'head_dim'),
+    (dict(vocab_size=0), 'vocab_size'),
+    (dict(n_layer=0), 'n_layer'),
+    (dict(n_embd=-8), 'n_embd'),
+    (dict(block_size=0), 'block_size'),
+    (dict(n_head=0), 'n_head'),
+    (dict(n_kv_head=0), 'n_kv_head'),
+    (dict(head_dim=0), 'head_dim'),
+    (dict(n_expert=0), 'n_expert'),
+    (dict(n_expert_active=0), 'n_expert_active'),
+    (dict(expert_hidden=-1), 'expert_hidden'),
+    (dict(n_latent=-1), 'n_latent'),
+    (dict(n_shared_expert=-1), 'n_shared_expert'),
+    (dict(attention='mla', kv_lora_rank=-1), 'kv_lora_rank'),
+    (dict(attention='mla', qk_rope_head_dim=7), 'qk_rope_head_dim'),
+    (dict(attention='flash'), 'attention'),
+    (dict(router_score='relu'), 'router_score'),
+    (dict(expert_dropout=1.0), 'expert_dropout'),
+])
+def test_config_rejects_bad_values_naming_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**kw)
+
+
+def test_config_accepts_tiny_and_derives_mla_sizes():
+    tiny_cfg()
+    tiny_cfg(n_latent=0)
+    c = tiny_cfg(attention='mla')
+    assert (c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim) == (32, 16, 8, 16)
+    assert c.rope_dim == 8 and tiny_cfg().rope_dim == 16
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. tying, init, norms
+
+def test_tied_head_init_stds_and_norm_eps():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(vocab_size=512, n_embd=128, n_layer=4, expert_hidden=256, n_shared_expert=1, norm_eps=1e-6)
+    m = DeepSeekLM(cfg)
+    assert m.lm_head.weight is m.wte.weight
+    resid = 0.02 / math.sqrt(2 * cfg.n_layer)
+    expected = {'wte.weight': 0.02}
+    for i in range(cfg.n_layer):
+        p = f'blocks.{i}.'
+        expected.update({p + 'attn.wq.weight': 0.02, p + 'attn.wk.weight': 0.02, p + 'attn.wv.weight': 0.02,
+                         p + 'attn.latent': 0.02, p + 'moe.router.weight': 0.02, p + 'moe.w1': 0.02,
+                         p + 'moe.shared.0.weight': 0.02,
+                         p + 'attn.wo.weight': resid, p + 'moe.w2': resid, p + 'moe.shared.2.weight': resid})
+    params = dict(m.named_parameters())
+    assert set(expected) == {n for n, p in params.items() if p.dim() >= 2}
+    for name, std in expected.items():
+        p = params[name]
+        assert abs(p.mean().item()) < 0.2 * std, name
+        assert p.std().item() == pytest.approx(std, rel=0.1), name
+    norms = [mod for mod in m.modules() if isinstance(mod, nn.RMSNorm)]
+    assert len(norms) == 2 * cfg.n_layer + 1
+    for mod in norms:
+        assert mod.eps == 1e-6 and torch.equal(mod.weight, torch.ones_like(mod.weight))
+    assert all(mod.eps == 1e-5 for mod in DeepSeekLM(tiny_cfg()).modules() if isinstance(mod, nn.RMSNorm))
+    with torch.no_grad():   # one tensor: a write through the embedding shows in the head
+        m.wte.weight[3, 5] = 7.0
+    assert m.lm_head.weight[3, 5] == 7.0
+    mla = DeepSeekLM(tiny_cfg(attention='mla', q_lora_rank=16, norm_eps=1e-6))
+    assert {mod.eps for mod in mla.modules() if isinstance(mod, nn.RMSNorm)} == {1e-6}
+    assert mla.blocks[0].attn.wo.weight.std().item() == pytest.approx(0.02 / 2, rel=0.15)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. RoPE
+
+def test_rope_is_rotate_half_rotation_with_relative_scores():
+    torch.manual_seed(0)
+    B, T, H, D, theta = 2, 9, 3, 16, 500.0
+    cos, sin = rope_tables(D, 32, theta)
+    assert cos.shape == (32, D // 2)
+    x = torch.randn(B, T, H, D)
+    pos = torch.stack([torch.arange(T), torch.arange(T) * 3 + 1])               # arbitrary positions per row
+    y = apply_rope(x, cos[pos].unsqueeze(2), sin[pos].unsqueeze(2))
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(y, rope_ref(x, pos, theta), atol=ATOL, rtol=ATOL)
+    # position 0 is the identity; the model's tables follow the config
+    torch.testing.assert_close(y[0, 0], x[0, 0], atol=0, rtol=0)
+    m = DeepSeekLM(tiny_cfg(rope_theta=theta))
+    torch.testing.assert_close(m.rope_cos, rope_tables(16, 32, theta)[0])
+
+    # q.k after rotation depends only on the offset m - n
+    q, k = torch.randn(1, 1, 1, D).expand(1, 32, 1, D), torch.randn(1, 1, 1, D).expand(1, 32, 1, D)
+    c_, s_ = cos[None, :, None], sin[None, :, None]
+    qr, kr = apply_rope(q, c_, s_), apply_rope(k, c_, s_)
+    score = lambda m_, n_: (qr[0, m_, 0] * kr[0, n_, 0]).sum().item()   # noqa: E731
+    for m_, n_, shift in [(5, 2, 10), (2, 5, 20), (7, 7, 13), (0, 9, 4)]:
+        assert score(m_ + shift, n_ + shift) == pytest.approx(score(m_, n_), abs=1e-4)
+    assert abs(score(5, 2) - score(2, 5)) > 1e-3   # but it does depend on the offset
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. causality
+
+@variants
+def test_causal_and_latents_matter(variant):
+    m = make_model(variant)
+    idx = tokens((2, 12), 1)
+    logits, _ = m(idx)
+    for t in (0, 5, 10):
+        idx2 = idx.clone()
+        idx2[:, t + 1:] = tokens((2, 11 - t), 2 + t)
+        logits2, _ = m(idx2)
+        torch.testing.assert_close(logits2[:, :t + 1], logits[:, :t + 1], atol=ATOL, rtol=ATOL)
+        assert (logits2[:, t + 1:] - logits[:, t + 1:]).abs().amax() > 1e-3
+    # the explicit-mask path (an all-ones attention_mask) agrees with the is_causal fast path
+    torch.testing.assert_close(m(idx, attention_mask=torch.ones_like(idx))[0], logits, atol=ATOL, rtol=ATOL)
+    if m.config.n_latent:
+        with torch.no_grad():
+            m.blocks[0].attn.latent.add_(0.5 * torch.randn_like(m.blocks[0].attn.latent))
+        assert (m(idx)[0][:, 0] - logits[:, 0]).abs().amax() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. the attention fast path vs an explicit-mask reference, from the module's own weights
+
+@variants
+@pytest.mark.parametrize('padded', [False, True])
+def test_attention_matches_slow_reference(variant, padded):
+    m = make_model(variant)
+    attn, cfg = m.blocks[0].attn, m.config
+    B, T, L = 2, 7, cfg.n_latent
+    torch.manual_seed(3)
+    x = torch.randn(B, T, cfg.n_embd)
+    real = torch.ones(B, T, dtype=torch.bool)
+    if padded:
+        real[0, :3] = False
+    pos = positions(real)
+    allowed = allowed_ref(L, real)
+    with torch.no_grad():
+        if padded:
+            y = attn(x, m.rope_cos[pos].unsqueeze(2), m.rope_sin[pos].unsqueeze(2), allowed.unsqueeze(1), False)
+        else:   # the is_causal zero-query trick
+            y = attn(x, m.rope_cos[None, :T, None], m.rope_sin[None, :T, None], None, True)
+        if cfg.attention == 'mla':
+            ref = mla_ref(attn, cfg, x, pos, allowed, cfg.rope_theta)
+        else:
+            ref = latent_attention_ref(attn, x, pos, allowed, cfg.rope_theta)
+    torch.testing.assert_close(y[real], ref[real], atol=ATOL, rtol=ATOL)
+
+
+def test_attend_gqa_fast_path_equals_explicit_mask():
+    torch.manual_seed(0)
+    B, T, L, H, Hkv, D = 2, 6, 3, 4, 2, 8
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, L + T, Hkv, D), torch.randn(B, L + T, Hkv, D)
+    allowed = allowed_ref(L, torch.ones(B, T, dtype=torch.bool))
+    ref = attention_ref(q, k.repeat_interleave(H // Hkv, 2), v.repeat_interleave(H // Hkv, 2), allowed, D ** -0.5)
+    torch.testing.assert_close(attend(q, k, v, None, True), ref, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(attend(q, k, v, allowed.unsqueeze(1), False), ref, atol=ATOL, rtol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. left padding
+
+@variants
+def test_left_padding_matches_unpadded(variant):
+    m = make_model(variant)
+    a, b = tokens((1, 6), 4), tokens((1, 9), 5)
+    batch = torch.cat([torch.cat([torch.full((1, 3), 17), a], 1), b])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    logits, _ = m(batch, attention_mask=mask)
+    torch.testing.assert_close(logits[0, 3:], m(a)[0][0], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(logits[1], m(b)[0][0], atol=ATOL, rtol=ATOL)
+    assert torch.isfinite(logits).all()
+
+
+def test_loss_ignores_minus_one():
+    m = make_model()
+    idx, tgt = tokens((2, 8), 6), tokens((2, 8), 7)
+    tgt[0, :3] = -1
+    logits, loss = m(idx, tgt)
+    logp = logits.log_softmax(-1)
+    picked = [-logp[b, t, tgt[b, t]] for b in range(2) for t in range(8) if tgt[b, t] != -1]
+    torch.testing.assert_close(loss, torch.stack(picked).mean(), atol=ATOL, rtol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. the MoE dispatch vs a naive loop, outputs and gradients
+
+def make_moe(seed=0, **kw):
+    torch.manual_seed(seed)
+    moe = MoE(tiny_cfg(**kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name == 'router.weight' else 0.1))
+    return moe.eval()
+
+
+@pytest.mark.parametrize('score, k, shared, rig', [
+    ('softmax', 2, 0, None),
+    ('sigmoid', 2, 0, None),
+    ('softmax', 2, 1, None),
+    ('softmax', 1, 0, None),
+    ('softmax', 1, 0, 'bias'),      # every token to expert 2, nothing dropped
+    ('sigmoid', 2, 0, 'bias'),
+    ('softmax', 1, 0, 'router'),    # the router itself sends everything to expert 3
+])
+def test_moe_matches_naive_loop_with_grads(score, k, shared, rig):
+    moe = make_moe(router_score=score, n_expert_active=k, n_shared_expert=shared)
+    torch.manual_seed(1)
+    x = torch.randn(2, 12, 64)
+    if rig == 'bias':
+        moe.expert_bias[2] = 1e3
+    elif rig == 'router':
+        x = x.abs()
+        with torch.no_grad():
+            moe.router.weight[3] = 1.0
+    x.requires_grad_(True)
+    w = torch.randn(2, 12, 64)                                  # a generic loss: sum(w * y)
+    params = [x, moe.w1, moe.w2, moe.router.weight]
+    y = moe(x)
+    grads = torch.autograd.grad((y * w).sum(), params, allow_unused=True)
+    y_ref, counts = moe_ref(moe, x.view(-1, 64))
+    grads_ref = torch.autograd.grad((y_ref.view_as(w) * w).sum(), params, allow_unused=True)
+    torch.testing.assert_close(y, y_ref.view_as(y), atol=ATOL, rtol=ATOL)
+    assert torch.equal(moe.expert_counts, counts)
+    assert counts.sum() == 24 * k
+    for name, g, g_ref in zip(['x', 'w1', 'w2', 'router'], grads, grads_ref):
+        g = torch.zeros_like(params[0] if name == 'x' else g_ref) if g is None else g
+        g_ref = torch.zeros_like(g) if g_ref is None else g_ref
+        torch.testing.assert_close(g, g_ref, atol=ATOL, rtol=ATOL, msg=name)
+    if rig:
+        hot = 2 if rig == 'bias' else 3
+        assert counts[hot] == 24
+        if k == 1:   # experts that got no token get an exactly zero gradient
+            cold = [e for e in range(4) if e != hot]
+            assert grads[1][cold].abs().max() == 0 and grads[2][cold].abs().max() == 0
+
+
+def test_shared_expert_is_always_on_and_counted():
+    moe = make_moe(n_shared_expert=1)
+    x = torch.randn(1, 5, 64)
+    routed = moe(x)
+    shared = moe.shared
+    moe.shared = None
+    only_routed = moe(x)
+    moe.shared = shared
+    torch.testing.assert_close(routed, only_routed + F.silu(x @ shared[0].weight.T) @ shared[2].weight.T,
+                               atol=ATOL, rtol=ATOL)
+    for extra in (1, 2):
+        a, b = DeepSeekLM(tiny_cfg()), DeepSeekLM(tiny_cfg(n_shared_expert=extra))
+        assert b.num_params() - a.num_params() == 2 * extra * 2 * 64 * 64
+        assert b.num_params(active=True) - a.num_params(active=True) == 2 * extra * 2 * 64 * 64
+        assert seed_params(b.config) == (b.num_params(), b.num_params(active=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. loss-free balancing
+
+def test_bias_changes_selection_not_gates():
+    moe = make_moe()
+    torch.manual_seed(2)
+    x = torch.randn(1, 16, 64)
+    moe.expert_bias.copy_(torch.tensor([0.0, 0.0, 50.0, 50.0]))
+    y = moe(x)[0]
+    assert moe.expert_counts.tolist() == [0, 0, 16, 16]
+    s = torch.softmax(x[0] @ moe.router.weight.T, -1)
+    expert = lambda e: F.silu(x[0] @ moe.w1[e]) @ moe.w2[e]   # noqa: E731
+    g2, g3 = s[:, 2:3] / (s[:, 2:3] + s[:, 3:4]), s[:, 3:4] / (s[:, 2:3] + s[:, 3:4])
+    torch.testing.assert_close(y, g2 * expert(2) + g3 * expert(3), atol=ATOL, rtol=ATOL)
+    # the test can tell: gates taken from the biased scores would be ~1/2 each
+    assert (y - 0.5 * expert(2) - 0.5 * expert(3)).abs().amax() > 1e-3
+    # a modest bias flips only some choices; gates still follow the unbiased scores (the naive loop)
+    moe.expert_counts.zero_()
+    moe.expert_bias.copy_(torch.tensor([0.0, 0.1, -0.1, 0.05]))
+    torch.testing.assert_close(moe(x)[0], moe_ref(moe, x[0])[0], atol=ATOL, rtol=ATOL)
+
+
+def test_update_router_bias_counts_maxvio_and_load():
+    m = make_model(balance_rate=0.01)
+    rate = 0.01
+    m.blocks[0].moe.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    before = [b.moe.expert_bias.clone() for b in m.blocks]
+    counts = torch.tensor([[8.0, 0.0, 4.0, 4.0], [2.0, 2.0, 2.0, 10.0]])   # means 4 and 4
+    for b, c in zip(m.blocks, counts):
+        b.moe.expert_counts.copy_(c)
+    torch.testing.assert_close(m.expert_counts(), counts)
+    out = m.update_router_bias(ema=0.9)
+    # overloaded falls, idle rises, by exactly balance_rate; at the mean: unchanged
+    assert torch.equal(m.blocks[0].moe.expert_bias, before[0] + rate * torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+    assert torch.equal(m.blocks[1].moe.expert_bias, before[1] + rate * torch.tensor([1.0, 1.0, 1.0, -1.0]))
+    assert m.expert_counts().abs().sum() == 0
+    torch.testing.assert_close(out['max_vio'], torch.tensor([(8 - 4) / 4, (10 - 4) / 4]))
+    torch.testing.assert_close(out['load'], counts / 16)
+    for b, c in zip(m.blocks, counts):
+        torch.testing.assert_close(b.moe.expert_load, 0.9 * 0.25 + 0.1 * c / c.sum())
+    # a real forward: every token counted k times per layer, then a bias step toward balance
+    idx = tokens((2, 10), 8)
+    m(idx)
+    c = m.expert_counts()
+    assert c.sum(1).tolist() == [40.0, 40.0]
+    before = [b.moe.expert_bias.clone() for b in m.blocks]
+    out = m.update_router_bias()
+    for layer, b in enumerate(m.blocks):
+        torch.testing.assert_close(b.moe.expert_bias - before[layer], rate * torch.sign(c[layer].mean() - c[layer]))
+        mean = c[layer].mean()
+        assert out['max_vio'][layer].item() == pytest.approx(((c[layer].max() - mean) / mean).item())
+
+
+def test_balancing_buffers_are_state_not_parameters():
+    m = make_model()
+    names = dict(m.named_parameters())
+    sd = m.state_dict()
+    for i in range(m.config.n_layer):
+        for buf in ('expert_bias', 'expert_load'):
+            key = f'blocks.{i}.moe.{buf}'
+            assert key in sd and key not in names
+        assert f'blocks.{i}.moe.expert_counts' not in sd
+        with torch.no_grad():
+            m.blocks[i].moe.expert_bias.copy_(torch.randn(4) * 0.1)
+            m.blocks[i].moe.expert_load.copy_(torch.rand(4))
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    fresh = DeepSeekLM(m.config).eval()
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    for a, b in zip(m.blocks, fresh.blocks):
+        assert torch.equal(a.moe.expert_bias, b.moe.expert_bias)
+        assert torch.equal(a.moe.expert_load, b.moe.expert_load)
+    idx = tokens((2, 10), 9)
+    torch.testing.assert_close(fresh(idx)[0], m(idx)[0], atol=0, rtol=0)
+    _, loss = m(idx, idx)
+    loss.backward()
+    assert all(b.moe.expert_bias.grad is None for b in m.blocks)
+
+
+def test_router_jitter_only_in_training_and_only_on_router_input():
+    moe = make_moe(router_jitter=0.3)
+    torch.manual_seed(4)
+    x = torch.randn(1, 16, 64)
+    y_eval = moe(x)
+    torch.testing.assert_close(moe(x), y_eval, atol=0, rtol=0)           # eval is deterministic
+    torch.testing.assert_close(y_eval[0], moe_ref(moe, x[0])[0], atol=ATOL, rtol=ATOL)
+    moe.train()
+    torch.manual_seed(5)
+    y1 = moe(x)
+    torch.manual_seed(5)
+    noise = torch.empty(16, 64).uniform_(0.7, 1.3)     # the first random draw of a training forward
+    torch.testing.assert_close(y1[0], moe_ref(moe, x[0], router_input=x[0] * noise)[0], atol=ATOL, rtol=ATOL)
+    assert (moe(x) - y1).abs().amax() > 1e-4           # a fresh draw each step
+    assert (y1 - y_eval).abs().amax() > 1e-4
+    moe.jitter = 0.0
+    torch.testing.assert_close(moe(x), y_eval, atol=ATOL, rtol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. generation
+
+@variants
+def test_greedy_generation_cache_equals_full_forwards(variant):
+    m = make_model(variant)
+    idx = tokens((2, 5), 10)
+    ref = greedy_ref(m, idx, 10)
+    assert torch.equal(m.generate(idx, 10, temperature=0), ref)
+    assert torch.equal(m.generate(idx, 10, temperature=0, use_cache=False), ref)
+    assert len(set(ref[:, 5:].flatten().tolist())) > 2   # not a degenerate repeat of one token
+
+
+@variants
+def test_cached_decode_logits_equal_full_forward(variant):
+    """Prefill, then one token at a time through the cache: each step's logits equal the full forward."""
+    m = make_model(variant)
+    for padded in (False, True):
+        idx = tokens((2, 11), 11)
+        mask = torch.ones_like(idx)
+        if padded:
+            mask[0, :3] = 0
+        full, _ = m(idx, attention_mask=mask if padded else None)
+        cache = m.new_cache(2)
+        logits, _ = m(idx[:, :5], attention_mask=mask[:, :5] if padded else None, cache=cache)
+        torch.testing.assert_close(logits[:, 3:], full[:, 3:5], atol=ATOL, rtol=ATOL)
+        for t in range(5, 11):
+            step, _ = m(idx[:, t:t + 1], cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=ATOL, rtol=ATOL)
+
+
+@variants
+def test_cache_multi_token_chunk_is_causal(variant):
+    """BUG in model.py (DeepSeekLM._attention_layout): feeding T > 1 tokens to a non-empty cache without an
+    attention_mask returns (pos, None, False), so the new tokens attend to each other with no causal mask
+    (each sees the later tokens of its own chunk). With an attention_mask the explicit mask is built and it
+    is right. generate() only decodes one token at a time, so it is not affected."""
+    m = make_model(variant)
+    idx = tokens((2, 10), 12)
+    full, _ = m(idx)
+    cache = m.new_cache(2)
+    m(idx[:, :4], cache=cache)
+    chunk, _ = m(idx[:, 4:7], cache=cache)
+    torch.testing.assert_close(chunk, full[:, 4:7], atol=ATOL, rtol=ATOL)
+
+
+@variants
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_left_padded_batch_generation_matches_single_rows(variant, use_cache):
+    m = make_model(variant)
+    a, b = tokens((1, 3), 13), tokens((1, 7), 14)
+    batch = torch.cat([torch.cat([torch.full((1, 4), 23), a], 1), b])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    out = m.generate(batch, 10, temperature=0, attention_mask=mask, use_cache=use_cache)
+    assert torch.equal(out[0, 7:], m.generate(a, 10, temperature=0)[0, 3:])
+    assert torch.equal(out[1, 7:], m.generate(b, 10, temperature=0)[0, 7:])
+
+
+@variants
+def test_generation_past_block_size(variant):
+    m = make_model(variant, block_size=8)
+    idx = tokens((2, 5), 15)
+    ref = greedy_ref(m, idx, 12)
+    assert torch.equal(m.generate(idx, 12, temperature=0), ref)
+    assert torch.equal(m.generate(idx, 12, temperature=0, use_cache=False), ref)
+    # a left-padded batch crossing the window: each row as if alone
+    a = tokens((1, 3), 16)
+    batch = torch.cat([torch.cat([torch.full((1, 2), 31), a], 1), idx[:1]])
+    mask = torch.ones_like(batch)
+    mask[0, :2] = 0
+    out = m.generate(batch, 12, temperature=0, attention_mask=mask)
+    assert torch.equal(out[0, 5:], greedy_ref(m, a, 12)[0, 3:])
+    assert torch.equal(out[1], ref[0])
+    # a prompt longer than block_size is cropped to its last block_size tokens
+    long = tokens((1, 20), 17)
+    assert torch.equal(m.generate(long, 3, temperature=0)[:, 20:], greedy_ref(m, long[:, -8:], 3)[:, 8:])
+
+
+def test_sampling_seed_top_k_and_eos():
+    m = make_model()
+    idx = tokens((2, 4), 18)
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(m.generate(idx, 12, temperature=1.0, top_k=50, top_p=0.95))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    greedy = m.generate(idx, 12, temperature=0)
+    torch.manual_seed(3)
+    assert torch.equal(m.generate(idx, 12, temperature=0.7, top_k=1), greedy)
+    # eos: stop once every row has emitted it; finished rows keep emitting it
+    one = greedy[:1]
+    gen = one[0, 4:].tolist()
+    step = next(i for i in range(2, 12) if gen[i] not in gen[:i])
+    eos = gen[step]
+    out = m.generate(idx[:1], 12, temperature=0, eos_token_id=eos)
+    assert out.shape[1] == 4 + step + 1 and torch.equal(out, one[:, :4 + step + 1])
+    out = m.generate(idx, 12, temperature=0, eos_token_id=eos)
+    row1 = m.generate(idx[1:], 12, temperature=0, eos_token_id=eos)
+    assert out.shape[1] == max(4 + step + 1, row1.shape[1])
+    assert (out[0, 4 + step:] == eos).all()
+    assert torch.equal(out[1, :row1.shape[1]], row1[0]) and (out[1, row1.shape[1]:] == eos).all()
+
+
+def test_sample_next_token_filters():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(400, 4)
+    assert (sample_next_token(logits, temperature=0) == 0).all()
+    for kw in (dict(top_k=2), dict(top_p=0.7)):      # both keep exactly {0, 1}
+        got = set(sample_next_token(logits, **kw).tolist())
+        assert got == {0, 1}, kw
+    assert set(sample_next_token(logits).tolist()) == {0, 1, 2, 3}
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Multi-head Latent Attention
+
+@pytest.mark.parametrize('n_latent', [0, 4])
+@pytest.mark.parametrize('q_lora_rank', [0, 16])
+def test_mla_absorbed_equals_naive(n_latent, q_lora_rank):
+    m = make_model('mla', n_latent=n_latent, q_lora_rank=q_lora_rank)
+    attn, c = m.blocks[0].attn, m.config
+    torch.manual_seed(6)
+    B, H = 2, c.n_head
+    for T, S, causal in [(5, n_latent + 5, True), (1, n_latent + 9, False), (4, n_latent + 9, False)]:
+        q_nope, q_rope = torch.randn(B, T, H, c.qk_nope_head_dim), torch.randn(B, T, H, c.qk_rope_head_dim)
+        c_kv, k_rope = torch.randn(B, S, c.kv_lora_rank), torch.randn(B, S, c.qk_rope_head_dim)
+        mask = None
+        if T > 1 and not causal:   # an explicit mask with some hidden keys
+            mask = torch.rand(B, 1, T, S, generator=torch.Generator().manual_seed(T)) > 0.3
+            mask[..., -1] = True
+        with torch.no_grad():
+            naive = attn.attend_naive(q_nope, q_rope, c_kv, k_rope, mask, causal)
+            absorbed = attn.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask, causal)
+        torch.testing.assert_close(absorbed, naive, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize('q_lora_rank', [0, 384])
+def test_mla_sizes_on_meta(q_lora_rank):
+    with torch.device('meta'):
+        m = DeepSeekLM(ModelConfig(attention='mla', q_lora_rank=q_lora_rank))
+    c = m.config
+    d, H, nope, rope, v, rank, L = 768, 12, 64, 32, 64, 128, 8      # derived from head_dim 64
+    assert (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank) == (nope, rope, v, rank)
+    q = d * H * (nope + rope) if not q_lora_rank else d * q_lora_rank + q_lora_rank + q_lora_rank * H * (nope + rope)
+    attn = q + d * (rank + rope) + rank + rank * H * (nope + v) + H * v * d + L * d
+    expert = 768 * 2048 * 2
+    per_layer = attn + 2 * d + d * 8
+    assert m.num_params() == 49152 * d + 24 * (per_layer + 8 * expert) + d
+    assert m.num_params(active=True) == 49152 * d + 24 * (per_layer + 2 * expert) + d
+    assert seed_params(c, mla=True) == (m.num_params(), m.num_params(active=True))
+    assert m.kv_cache_numel_per_token() == c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim) == 24 * 160
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. torch.compile and bf16 autocast
+
+def test_compile_fullgraph_forward_backward_matches_eager():
+    import torch._dynamo
+    m = make_model('latent', n_layer=2)
+    m.train()
+    idx, tgt = tokens((2, 16), 19), tokens((2, 16), 20)
+    _, loss = m(idx, tgt)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        cm = torch.compile(m, fullgraph=True)
+        _, closs = cm(idx, tgt)
+        closs.backward()
+        assert not torch._dynamo.utils.counters['graph_break']
+    finally:
+        torch._dynamo.reset()
+    assert abs(closs.item() - loss.item()) <= 1e-4
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+@pytest.mark.parametrize('variant', ['latent', 'mla'])
+def test_bf16_autocast_forward_backward(variant):
+    m = make_model(variant)
+    m.train()
+    idx, tgt = tokens((2, 16), 21), tokens((2, 16), 22)
+    _, loss32 = m(idx, tgt)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, loss16 = m(idx, tgt)
+    loss16.backward()
+    assert loss16.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) < 0.05 * loss32.item()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    assert m.blocks[0].moe.w1.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. FLOPs
+
+@pytest.mark.parametrize('variant', ['latent', 'mla'])
+def test_flops_per_token(variant):
+    m = DeepSeekLM(tiny_cfg(**VARIANTS[variant]))
+    c = m.config
+    total, active = seed_params(c, mla=variant == 'mla')
+    assert (m.num_params(), m.num_params(active=True)) == (total, active)
+    T = 32
+    if variant == 'mla':   # q.k over nope + rope = 24, p.v over v = 16
+        width = (16 + 8) + 16
+    else:
+        width = 16 + 16
+    # per layer and head, a query meets n_latent + (T+1)/2 keys on average, 2 FLOPs per multiply-add,
+    # forward + backward = 3x
+    attn = 3 * 2 * c.n_layer * c.n_head * width * (c.n_latent + (T + 1) / 2)
+    assert m.flops_per_token(T) == pytest.approx(6 * active + attn, rel=1e-12)
