@@ -66,7 +66,7 @@ def sample(argv):
 
     # --- model and tokenizer, both from the checkpoint --------------------------------------------
     path = checkpoint_path(cfg)
-    ck, mconf = load_checkpoint(path)
+    ck, mconf = train.load_checkpoint(path)
     enc = prepare.load_tokenizer(ck['tokenizer'])
     eot = enc.encode_single_token(prepare.EOT)
     with torch.device(dev):  # initialise straight on the device: much faster than on the CPU for big models
@@ -214,26 +214,6 @@ def train_command(out_dir):
         if cfg['out_dir'] == out_dir:
             return f"python train.py config/{os.path.basename(path)}"
     return f"python train.py --out_dir={out_dir}"
-
-
-def load_checkpoint(path):
-    """The checkpoint dict and its ModelConfig, or a one-line UserError for a file that is not one of ours."""
-    try:
-        # mmap: tensors are read on demand, so the optimizer state (2x the model) never fills memory
-        ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is truncated, corrupted "
-                        f"or not a PyTorch file") from None
-    if not isinstance(ck, dict) or ck.get('format') != train.CKPT_FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this repo (format {train.CKPT_FORMAT})")
-    missing = [k for k in ('model', 'model_args', 'tokenizer') if k not in ck]
-    if missing:
-        raise UserError(f"{path} is incomplete: no {', '.join(missing)}")
-    try:
-        mconf = ModelConfig(**ck['model_args'])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path} has model_args that model.py does not accept ({e})") from None
-    return ck, mconf
 
 
 def read_prompts(start):

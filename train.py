@@ -106,6 +106,26 @@ def save_checkpoint(obj, path):
             os.remove(tmp)
 
 
+def load_checkpoint(path):
+    """The checkpoint dict and its ModelConfig, or a one-line UserError for a file that is not one of ours."""
+    try:
+        # mmap: tensors are read on demand, so the optimizer state (2x the model) never fills memory
+        ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is truncated, corrupted "
+                        f"or not a PyTorch file") from None
+    if not isinstance(ck, dict) or ck.get('format') != CKPT_FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this repo (format {CKPT_FORMAT})")
+    missing = [k for k in ('model', 'model_args', 'tokenizer') if k not in ck]
+    if missing:
+        raise UserError(f"{path} is incomplete: no {', '.join(missing)}")
+    try:
+        mconf = ModelConfig(**ck['model_args'])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} has model_args that model.py does not accept ({e})") from None
+    return ck, mconf
+
+
 def token_byte_lengths(enc, n):
     """UTF-8 bytes of each token id (0 for special tokens), for bits per byte."""
     special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
@@ -177,12 +197,7 @@ def main(argv):
     if cfg['init_from'] == 'resume':
         if not os.path.exists(ckpt_path):
             raise UserError(f"no checkpoint at {ckpt_path} to resume: train first without --init_from=resume")
-        try:
-            ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}): it is truncated or not ours")
-        if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
-            raise UserError(f"{ckpt_path} is not a checkpoint of this repo (format {CKPT_FORMAT})")
+        ckpt, _ = load_checkpoint(ckpt_path)
         model_args = ckpt['model_args']   # the architecture comes from the checkpoint
         iter_num, best_val = ckpt['iter_num'], ckpt['best_val_loss']
     else:
