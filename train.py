@@ -315,7 +315,7 @@ def main(argv):
     # --- the loop --------------------------------------------------------------------------------
     model.train()
     start_iter, t_start = iter_num, time.time()
-    t0, t0_iter, dt_ema = time.time(), iter_num, None
+    t0, t0_iter, recent = time.time(), iter_num, []   # recent: seconds per step of the last few log intervals
     while True:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -362,9 +362,9 @@ def main(argv):
                 raise diverged(f"loss is {lossf} at iter {iter_num}")
             t1 = time.time()
             step_s, t0, t0_iter = (t1 - t0) / (iter_num - t0_iter), t1, iter_num
-            # the first interval includes compilation: the second one restarts the ETA's moving average
-            first_two = iter_num <= start_iter + 2 * cfg['log_interval']
-            dt_ema = step_s if dt_ema is None or first_two else 0.9 * dt_ema + 0.1 * step_s
+            # ETA from the median of the last 5 intervals: robust to the first one (compilation) and to hiccups
+            recent = (recent + [step_s])[-5:]
+            eta = fmt_time(sorted(recent)[len(recent) // 2] * (cfg['max_iters'] - iter_num))
             flops = flops_per_iter / step_s
             speed = f"MFU {100 * flops / peak:.1f}%" if peak else f"{flops / 1e9:.1f} GFLOP/s"
             vio = balance['max_vio'].max().item()
@@ -373,7 +373,7 @@ def main(argv):
                  'gflops': flops / 1e9, 'grad_norm': grad_norm.item(), 'max_vio': vio},
                 f"iter {iter_num}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | {1000 * step_s:.1f} ms | "
                 f"{tokens_per_iter / step_s:,.0f} tok/s | {speed} | grad {grad_norm.item():.2f} | MaxVio {vio:.3f} | "
-                f"ETA {fmt_time(dt_ema * (cfg['max_iters'] - iter_num))}")
+                f"ETA {eta}")
 
     elapsed = time.time() - t_start
     summary = {'kind': 'summary', 'iter': iter_num, 'best_val_loss': best_val, 'time_s': elapsed,
