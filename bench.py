@@ -1,0 +1,407 @@
+"""
+How close each part of the model runs to what this machine can do.
+
+    python bench.py                # the table (CUDA when present, else CPU); a few minutes on 2 CPU cores
+    python bench.py --json         # the same, plus one JSON object on the last line
+    python bench.py --quick        # smoke run: small sizes, few repeats, no compilation (seconds)
+    python bench.py --only=moe_vs_dense,cache_speedup
+
+Every figure is a ratio of two things timed in the same process, interleaved (A B A B ...), after
+warm-up, as the median of repeats: load from other processes slows both sides alike, so the ratio
+holds on a shared, noisy machine where absolute times would not. Rows (JSON keys), goal in brackets:
+
+    train_vs_mm            compiled train step (forward, backward, grad clip, AdamW, router-bias update)
+                           of config/deepseek_mini.py in model FLOP/s, over the FLOP/s of a plain
+                           torch.mm of the same dtype                                          [>= 0.70]
+    moe_vs_dense           the MoE layer at the seed's sizes (768 -> 2048, 8 experts top-2; router,
+                           dispatch, experts, combine; forward + backward) over a dense FFN doing the
+                           same useful FLOPs on N*k tokens                                     [>= 0.90]
+    latent_attn_vs_causal  the seed's latent-token attention layer at T=1024 over the same layer with
+                           no latents and plain causal SDPA                                    [>= 0.95]
+    cache_speedup          model.generate of 512 tokens with the KV cache over full forwards   [>= 10]
+    vs_transformers        our train step over transformers' MixtralForCausalLM at matched dims, both
+                           in model FLOP/s (null without transformers); vs_deepseek_v3 likewise
+                           against DeepseekV3ForCausalLM and our MLA variant                   [>= 1]
+    mfu                    CUDA only: config/deepseek.py train step (bf16, compiled) over the GPU's
+                           peak FLOP/s (null on CPU)
+Keys ending in _eager are the same pairs without torch.compile.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+
+import configurator  # noqa: E402
+import prepare  # noqa: E402
+import train  # noqa: E402
+from model import DeepSeekLM, LatentTokenAttention, ModelConfig, MoE, apply_rope, attend, rope_tables  # noqa: E402
+
+GOALS = {'train_vs_mm': 0.70, 'moe_vs_dense': 0.90, 'latent_attn_vs_causal': 0.95, 'cache_speedup': 10.0,
+         'vs_transformers': 1.0, 'vs_deepseek_v3': 1.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def timeit_pair(fa, fb, device, repeats, warmup=2):
+    """Median seconds of fa() and of fb(), timed alternately (A B A B ...) after `warmup` calls of each:
+    other processes' load and clock changes then hit both sides alike."""
+    for _ in range(warmup):
+        fa(), fb()
+    times = ([], [])
+    for _ in range(repeats):
+        for f, t in zip((fa, fb), times):
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            t.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# setup shared by the rows
+
+def load_config(name, **overrides):
+    """config/<name> read exactly as train.py reads it (defaults, then the file), overrides on top."""
+    cfg = configurator.parse_config([os.path.join(ROOT, 'config', name)], train.DEFAULTS,
+                                    ignore_unknown_file_keys=set(prepare.DEFAULTS))
+    return {**cfg, **overrides}
+
+
+def autocast_for(device):
+    """train.py's dtype='auto': bf16 autocast on CUDA (fp16 where bf16 is missing), plain fp32 elsewhere."""
+    if device.type == 'cuda':
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return dtype, torch.autocast('cuda', dtype=dtype)
+    return torch.float32, nullcontext()
+
+
+def matmul(n, dtype, device):
+    """An n x n x n torch.mm and its FLOPs: 'what the machine can do', measured next to each step."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return (lambda: torch.mm(a, b)), 2 * n ** 3
+
+
+def fwd_bwd(f, ctx, tensors):
+    """f() under autocast, then backward from a loss on its output; gradients of `tensors` are dropped
+    afterwards, as train.py's zero_grad(set_to_none=True) does, so no call pays for accumulating."""
+    def run():
+        with ctx:
+            y = f()
+        y.float().square().mean().backward()
+        for t in tensors:
+            t.grad = None
+    return run
+
+
+def train_step(model, loss_of, device, after_step=lambda: None):
+    """One iteration of train.py's loop on a fixed batch: loss_of(model) (the forward, under autocast),
+    backward, grad clip, AdamW as train.py builds it (decay on matmul weights only, fused on CUDA),
+    zero_grad, after_step()."""
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if p.dim() >= 2 and 'latent' not in n]
+    no_decay = [p for n, p in named if p.dim() < 2 or 'latent' in n]
+    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), fused=device.type == 'cuda')
+    params = [p for _, p in named]
+
+    def step():
+        loss_of(model).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        after_step()
+    return step
+
+
+_steps = {}
+
+
+def our_train_step(cfg, device, compiled):
+    """(step function, model FLOPs per step) of DeepSeekLM at cfg, trained as train.py trains it.
+    Memoised: several rows time the same compiled model and compilation is the slow part."""
+    mconf = ModelConfig(**{k: cfg[k] for k in train.MODEL_KEYS})
+    key = (repr(mconf), cfg['batch_size'], compiled)
+    if key not in _steps:
+        torch.manual_seed(0)
+        raw = DeepSeekLM(mconf).to(device).train()
+        B, T = cfg['batch_size'], cfg['block_size']
+        x = torch.randint(cfg['vocab_size'], (B, T + 1), device=device)
+        _, ctx = autocast_for(device)
+
+        def loss_of(m):
+            with ctx:
+                return m(x[:, :-1], x[:, 1:])[1]
+        model = torch.compile(raw) if compiled else raw
+        # train.py updates the balancing bias (and resets the expert counters) after every step
+        _steps[key] = train_step(model, loss_of, device, raw.update_router_bias), raw.flops_per_token(T) * B * T
+    return _steps[key]
+
+
+def vs_mm(step, step_flops, device, args):
+    """(model FLOP/s of step over torch.mm FLOP/s, step FLOP/s, mm FLOP/s), the two timed interleaved."""
+    dtype, _ = autocast_for(device)
+    mm, mm_flops = matmul(args.mm_size, dtype, device)
+    t_mm, t_step = timeit_pair(mm, step, device, args.repeats)
+    return (step_flops / t_step) / (mm_flops / t_mm), step_flops / t_step, mm_flops / t_mm
+
+
+# ----------------------------------------------------------------------------------------------
+# rows: each adds its keys to `out`
+
+def row_train_vs_mm(args, device, out):
+    cfg = load_config('deepseek_mini.py', **args.mini)
+    for compiled, key in ((True, 'train_vs_mm'), (False, 'train_vs_mm_eager')):
+        if compiled and not args.compile:
+            out[key] = None
+            continue
+        out[key], step_flops, mm_flops = vs_mm(*our_train_step(cfg, device, compiled), device, args)
+        out[key + '_gflops'] = step_flops / 1e9   # context, not a ratio: it moves with the machine's load
+        out['mm_gflops'] = mm_flops / 1e9
+
+
+def row_moe_vs_dense(args, device, out):
+    """The MoE layer exactly as the model runs it in training (router jitter, expert dropout, counters)
+    against nn.Linear -> SiLU -> nn.Linear of the same sizes on N*k tokens: the expert FLOPs with no
+    routing, dispatch or combine at all."""
+    cfg = ModelConfig(n_embd=768, expert_hidden=2048, n_expert=8, n_expert_active=2)
+    N, D, H = args.moe_tokens, cfg.n_embd, cfg.expert_hidden
+    _, ctx = autocast_for(device)
+    torch.manual_seed(0)
+    moe = MoE(cfg).to(device).train()
+    for p in moe.parameters():
+        nn.init.normal_(p, std=0.02)   # MoE leaves its weights to DeepSeekLM.reset_parameters
+    dense = nn.Sequential(nn.Linear(D, H, bias=False), nn.SiLU(), nn.Linear(H, D, bias=False)).to(device)
+    x_moe = torch.randn(1, N, D, device=device, requires_grad=True)
+    x_dense = torch.randn(N * cfg.n_expert_active, D, device=device, requires_grad=True)
+    t_moe, t_dense = timeit_pair(fwd_bwd(lambda: moe(x_moe), ctx, [x_moe, *moe.parameters()]),
+                                 fwd_bwd(lambda: dense(x_dense), ctx, [x_dense, *dense.parameters()]),
+                                 device, args.repeats)
+    out['moe_vs_dense'] = t_dense / t_moe
+
+
+def row_latent_attn_vs_causal(args, device, out):
+    """The seed's LatentTokenAttention (projections, RoPE, latent keys and values, SDPA, output) against
+    the same layer and weights with no latents and plain causal SDPA: what the latents cost."""
+    cfg = ModelConfig()   # the seed: 12 query / 4 key-value heads of 64, 8 latents
+    B, T = 2, args.attn_T
+    _, ctx = autocast_for(device)
+    torch.manual_seed(0)
+    attn = LatentTokenAttention(cfg).to(device)
+    for p in attn.parameters():
+        nn.init.normal_(p, std=0.02)
+    cos, sin = (t.view(1, T, 1, -1).to(device) for t in rope_tables(cfg.head_dim, T, cfg.rope_theta))
+    x = torch.randn(B, T, cfg.n_embd, device=device, requires_grad=True)
+
+    def plain_causal():
+        q = apply_rope(attn.wq(x).view(B, T, attn.n_head, attn.head_dim), cos, sin)
+        k = apply_rope(attn.wk(x).view(B, T, attn.n_kv_head, attn.head_dim), cos, sin)
+        v = attn.wv(x).view(B, T, attn.n_kv_head, attn.head_dim)
+        return attn.wo(attend(q, k, v, None, is_causal=True))   # no latents: attend's zero-query prefix is empty
+    tensors = [x, *attn.parameters()]
+    t_latent, t_plain = timeit_pair(fwd_bwd(lambda: attn(x, cos, sin, None, True), ctx, tensors),
+                                    fwd_bwd(plain_causal, ctx, tensors), device, args.repeats)
+    out['latent_attn_vs_causal'] = t_plain / t_latent
+
+
+def row_cache_speedup(args, device, out):
+    """model.generate of args.gen_tokens tokens after a 16-token prompt, greedy, mini-size model whose
+    block_size holds it all (so the cached run never re-fills), with use_cache=True and =False."""
+    prompt, n = 16, args.gen_tokens
+    cfg = load_config('deepseek_mini.py', block_size=prompt + n)
+    torch.manual_seed(0)
+    model = DeepSeekLM(ModelConfig(**{k: cfg[k] for k in train.MODEL_KEYS})).to(device).eval()
+    idx = torch.randint(cfg['vocab_size'], (1, prompt), device=device)
+    _, ctx = autocast_for(device)
+
+    def generate(use_cache, tokens):
+        def run():
+            with ctx:
+                model.generate(idx, tokens, temperature=0, use_cache=use_cache)
+        return run
+    # warm up on a short run: the full no-cache generation is the longest single thing timed here
+    generate(True, 8)(), generate(False, 8)()
+    t_cache, t_full = timeit_pair(generate(True, n), generate(False, n), device, args.gen_repeats, warmup=0)
+    out['cache_speedup'] = t_full / t_cache
+
+
+def hf_model(name, cfg):
+    """transformers' model at the dims of cfg, randomly initialised from a config object (no download),
+    and the ModelConfig overrides that make our model its match. Their experts are SwiGLU (3 matrices
+    to our 2), so their expert width is 2/3 of ours, rounded to 8: the same FLOPs per token."""
+    import transformers
+    width = round(cfg['expert_hidden'] * 2 / 3 / 8) * 8
+    common = dict(vocab_size=cfg['vocab_size'], hidden_size=cfg['n_embd'], num_hidden_layers=cfg['n_layer'],
+                  num_attention_heads=cfg['n_head'], max_position_embeddings=cfg['block_size'],
+                  rms_norm_eps=cfg['norm_eps'], tie_word_embeddings=True, num_experts_per_tok=cfg['n_expert_active'])
+    if name == 'mixtral':
+        conf = transformers.MixtralConfig(**common, num_key_value_heads=cfg['n_kv_head'], head_dim=cfg['head_dim'],
+                                          intermediate_size=width, num_local_experts=cfg['n_expert'])
+        return transformers.MixtralForCausalLM(conf), {}
+    # DeepSeek-V3: MLA (no query compression), sigmoid router, one shared expert, every layer MoE
+    hd = cfg['head_dim']
+    conf = transformers.DeepseekV3Config(**common, num_key_value_heads=cfg['n_head'], q_lora_rank=None,
+                                         kv_lora_rank=2 * hd, qk_nope_head_dim=hd, qk_rope_head_dim=hd // 2,
+                                         v_head_dim=hd, n_routed_experts=cfg['n_expert'], n_shared_experts=1,
+                                         moe_intermediate_size=width, first_k_dense_replace=0, n_group=1,
+                                         topk_group=1, routed_scaling_factor=1.0)
+    return transformers.DeepseekV3ForCausalLM(conf), {'attention': 'mla', 'n_shared_expert': 1,
+                                                      'router_score': 'sigmoid'}
+
+
+def hf_flops_per_token(model, seq_len):
+    """Counted as DeepSeekLM.flops_per_token counts ours: 6 per active weight (routed experts at k/E, an
+    untied input embedding is a free lookup) plus causal attention over (T+1)/2 keys on average."""
+    c = model.config
+    E, k = getattr(c, 'num_local_experts', None) or c.n_routed_experts, c.num_experts_per_tok
+    n = 0
+    for name, p in model.named_parameters():
+        if 'embed_tokens' in name and not c.tie_word_embeddings:
+            continue
+        n += p.numel() * (k / E if '.experts.' in name else 1)
+    if hasattr(c, 'kv_lora_rank'):
+        qk, v = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
+    else:
+        qk = v = c.head_dim
+    return 6 * n + 6 * c.num_hidden_layers * c.num_attention_heads * (qk + v) * (seq_len + 1) / 2
+
+
+def row_vs_transformers(args, device, out):
+    """Our train step over transformers' at matched dims, in model FLOP/s each (counted the same way),
+    compiled and eager. null when transformers is not installed (an optional dev dependency)."""
+    try:
+        import transformers
+    except ImportError:
+        out['vs_transformers'] = out['vs_transformers_eager'] = None
+        return
+    cfg = load_config('deepseek_mini.py', **args.mini)
+    B, T = cfg['batch_size'], cfg['block_size']
+    _, ctx = autocast_for(device)
+    x = torch.randint(cfg['vocab_size'], (B, T), device=device)
+
+    def loss_of(m):
+        with ctx:
+            return m(input_ids=x, labels=x).loss   # they shift the labels inside
+    names = ['mixtral'] + (['deepseek_v3'] if hasattr(transformers, 'DeepseekV3ForCausalLM') else [])
+    for name in names:
+        torch.manual_seed(0)
+        hf, ours = hf_model(name, cfg)
+        hf = hf.to(device).train()
+        hf_flops = hf_flops_per_token(hf, T) * B * T
+        key = 'vs_transformers' if name == 'mixtral' else f'vs_{name}'
+        for compiled, suffix in ((True, ''), (False, '_eager')):
+            if compiled and not args.compile:
+                out[key + suffix] = None
+                continue
+            step_ours, flops_ours = our_train_step({**cfg, **ours}, device, compiled)
+            step_hf = train_step(torch.compile(hf) if compiled else hf, loss_of, device)
+            t_ours, t_hf = timeit_pair(step_ours, step_hf, device, args.repeats)
+            out[key + suffix] = (flops_ours / t_ours) / (hf_flops / t_hf)
+
+
+def row_mfu(args, device, out):
+    """CUDA only: a config/deepseek.py train step (bf16 autocast, compiled) over the GPU's peak FLOP/s,
+    and over the bf16 torch.mm timed next to it (deepseek_vs_mm)."""
+    peak = train.gpu_peak_flops(device.type)
+    if device.type != 'cuda' or not args.compile:
+        out['mfu'] = None
+        return
+    cfg = load_config('deepseek.py')
+    out['deepseek_vs_mm'], step_flops, mm_flops = vs_mm(*our_train_step(cfg, device, compiled=True), device, args)
+    out['mfu'] = step_flops / peak if peak else None   # None: a GPU missing from train.PEAK_FLOPS
+    out['mm_mfu'] = mm_flops / peak if peak else None
+
+
+ROWS = [row_train_vs_mm, row_moe_vs_dense, row_latent_attn_vs_causal, row_cache_speedup, row_vs_transformers,
+        row_mfu]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--json', action='store_true', help='also print one JSON object on the last line')
+    p.add_argument('--quick', action='store_true', help='smoke run: small sizes, few repeats, no torch.compile')
+    p.add_argument('--device', default='auto', help="'auto' = cuda if present, else cpu")
+    p.add_argument('--only', default='', help='comma-separated row names to run, e.g. moe_vs_dense')
+    args = p.parse_args(argv)
+    names = [r.__name__[len('row_'):] for r in ROWS]
+    only = [s for s in args.only.split(',') if s]
+    if set(only) - set(names):
+        p.error(f"unknown rows {sorted(set(only) - set(names))}; rows are {', '.join(names)}")
+    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
+    cuda = device.type == 'cuda'
+    torch.backends.cuda.matmul.allow_tf32 = True   # as train.py
+    torch.backends.cudnn.allow_tf32 = True
+
+    # the spec's sizes on a full run; --quick keeps every code path but shrinks the work
+    q = args.quick
+    args.compile = not q
+    args.repeats = 3 if q else 7
+    args.mm_size = 256 if q else (8192 if cuda else 2048)
+    args.mini = dict(batch_size=2, block_size=32) if q else {}   # overrides of config/deepseek_mini.py
+    args.moe_tokens = 128 if q else 2048
+    args.attn_T = 64 if q else 1024
+    args.gen_tokens = 16 if q else 512
+    args.gen_repeats = 1 if q else 3
+
+    # time the process as train.py runs it (train.py may tune the allocator; this follows when it does)
+    getattr(train, 'keep_freed_memory', lambda: None)()
+    out = {'device': torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads',
+           'torch': torch.__version__, 'quick': q, 'load_avg': round(os.getloadavg()[0], 2)}
+    if not cuda and out['load_avg'] > 0.5 * (os.cpu_count() or 1):
+        # ratios survive steady load, but OpenMP threads that wait on descheduled siblings make many-small-op
+        # code (the MoE, decoding) lose far more than one big torch.mm: expect lower ratios than on a quiet machine
+        print(f"warning: load average {out['load_avg']} on {os.cpu_count()} cores before starting", file=sys.stderr)
+    for row, name in zip(ROWS, names):
+        if only and name not in only:
+            continue
+        t0 = time.time()
+        row(args, device, out)
+        print(f"[{name}: {time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
+    print_table(out)
+    if args.json:
+        print(json.dumps(out))
+    return out
+
+
+INFO_KEYS = ('device', 'torch', 'quick', 'load_avg')
+
+
+def print_table(out):
+    print(f"{'':26s} {'ratio':>8s}   goal")
+    for key, value in out.items():
+        if key in INFO_KEYS:
+            continue
+        shown = 'null' if value is None else f"{value:.3f}"
+        goal = GOALS.get(key)
+        if key.endswith('_gflops'):   # context, not a ratio
+            shown, goal = f"{value:.1f}", None
+        verdict = '' if goal is None or value is None or out['quick'] else ('ok' if value >= goal else 'BELOW')
+        unit = 'GFLOP/s' if key.endswith('_gflops') else ''
+        print(f"{key:26s} {shown:>8s}   {'>= ' + format(goal, 'g') + '  ' + verdict if goal else unit}")
+    note = ', --quick: smoke sizes, not the real figures' if out['quick'] else ''
+    print(f"({out['device']}, torch {out['torch']}, load average {out['load_avg']} at start{note})")
+
+
+if __name__ == '__main__':
+    warnings.filterwarnings('ignore', message='.*TF32.*')   # allow_tf32 is deprecated in new torch; train.py sets it too
+    main()

@@ -1,0 +1,25 @@
+"""bench.py --quick: every row runs and the last line is one JSON object with every key."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_run_prints_table_and_json():
+    # one thread: a smoke test of the code paths, and two OpenMP threads on a busy 2-core machine can stall
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--quick', '--json', '--device=cpu'],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
+    for key in ('train_vs_mm', 'train_vs_mm_eager', 'moe_vs_dense', 'latent_attn_vs_causal', 'cache_speedup',
+                'vs_transformers', 'mfu'):
+        assert key in out, key
+        assert any(line.startswith(key + ' ') for line in lines[:-1]), key   # a row of the table too
+    assert out['quick'] is True and out['mfu'] is None and out['train_vs_mm'] is None   # no compile in --quick
+    for key in ('train_vs_mm_eager', 'moe_vs_dense', 'latent_attn_vs_causal', 'cache_speedup'):
+        assert 0 < out[key] < 1000, (key, out[key])
