@@ -28,15 +28,6 @@ VARIANTS = {
 variants = pytest.mark.parametrize('variant', list(VARIANTS))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from threads, and on shared cores extra threads can stall badly
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**kw):
     return ModelConfig(**{**TINY, **kw})
 

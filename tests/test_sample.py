@@ -20,15 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # a tiny model gains nothing from threads, and on shared cores extra threads can stall it badly
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
     """A checkpoint in train.py's format: random tiny model, the tokenizer of two plays. The data folder the
