@@ -119,7 +119,7 @@ def train_step(model, loss_of, device, after_step=lambda: None):
     decay = [p for n, p in named if p.dim() >= 2 and 'latent' not in n]
     no_decay = [p for n, p in named if p.dim() < 2 or 'latent' in n]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}],
-                            lr=1e-4, betas=(0.9, 0.95), fused=device.type == 'cuda')
+                            lr=1e-4, betas=(0.9, 0.95), fused=device.type == 'cuda')   # keep in step with train.py
     params = [p for _, p in named]
 
     def step():
