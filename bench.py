@@ -19,15 +19,18 @@ holds on a shared, noisy machine where absolute times would not. Rows (JSON keys
     latent_attn_vs_causal  the seed's latent-token attention layer at T=1024 over the same layer with
                            no latents and plain causal SDPA                                    [>= 0.95]
     cache_speedup          model.generate of 512 tokens with the KV cache over full forwards   [>= 10]
+    mla_decode_vs_latent   cached greedy decoding at the seed's sizes, attention='mla' over the seed's
+                           latent-token GQA, with each one's tokens/s
     vs_transformers        our train step over transformers' MixtralForCausalLM at matched dims, both
                            in model FLOP/s (null without transformers); vs_deepseek_v3 likewise
-                           against DeepseekV3ForCausalLM and our MLA variant                   [>= 1]
+                           against DeepseekV3ForCausalLM and our MLA variant                 [>= 1.3]
     mfu                    CUDA only: config/deepseek.py train step (bf16, compiled) over the GPU's
                            peak FLOP/s (null on CPU)
 Keys ending in _eager are the same pairs without torch.compile.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -48,7 +51,7 @@ import train  # noqa: E402
 from model import DeepSeekLM, LatentTokenAttention, ModelConfig, MoE, apply_rope, attend, rope_tables  # noqa: E402
 
 GOALS = {'train_vs_mm': 0.70, 'moe_vs_dense': 0.90, 'latent_attn_vs_causal': 0.95, 'cache_speedup': 10.0,
-         'vs_transformers': 1.0, 'vs_deepseek_v3': 1.0}
+         'vs_transformers': 1.3, 'vs_deepseek_v3': 1.3}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,13 +116,13 @@ def fwd_bwd(f, ctx, tensors):
 
 def train_step(model, loss_of, device, after_step=lambda: None):
     """One iteration of train.py's loop on a fixed batch: loss_of(model) (the forward, under autocast),
-    backward, grad clip, AdamW as train.py builds it (decay on matmul weights only, fused on CUDA),
+    backward, grad clip, AdamW as train.py builds it (decay on matmul weights only, fused),
     zero_grad, after_step()."""
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.dim() >= 2 and 'latent' not in n]
     no_decay = [p for n, p in named if p.dim() < 2 or 'latent' in n]
     opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}],
-                            lr=1e-4, betas=(0.9, 0.95), fused=device.type == 'cuda')   # keep in step with train.py
+                            lr=1e-4, betas=(0.9, 0.95), fused=device.type in ('cuda', 'cpu'))   # keep in step with train.py
     params = [p for _, p in named]
 
     def step():
@@ -242,6 +245,29 @@ def row_cache_speedup(args, device, out):
     out['cache_speedup'] = t_full / t_cache
 
 
+def row_mla_decode_vs_latent(args, device, out):
+    """Decoding speed of the two attention types at the seed's sizes (--quick: the mini config's): greedy
+    generate of args.decode_tokens tokens after a 16-token prompt, KV cache on (MLA decodes through its
+    absorbed path), MLA over the seed's latent-token GQA. Each one's tokens/s is context: it moves with load."""
+    base = (ModelConfig(**{k: load_config('deepseek_mini.py')[k] for k in train.MODEL_KEYS}) if args.quick
+            else ModelConfig())
+    _, ctx = autocast_for(device)
+    idx = torch.randint(base.vocab_size, (1, 16), device=device)
+    runs = {}
+    for kind in ('latent', 'mla'):
+        torch.manual_seed(0)
+        model = DeepSeekLM(dataclasses.replace(base, attention=kind)).to(device).eval()
+
+        def run(model=model):
+            with ctx:
+                model.generate(idx, args.decode_tokens, temperature=0, use_cache=True)
+        runs[kind] = run
+    t_latent, t_mla = timeit_pair(runs['latent'], runs['mla'], device, args.gen_repeats, warmup=1)
+    out['mla_decode_vs_latent'] = t_latent / t_mla
+    out['latent_decode_tok_s'] = args.decode_tokens / t_latent
+    out['mla_decode_tok_s'] = args.decode_tokens / t_mla
+
+
 def hf_model(name, cfg):
     """transformers' model at the dims of cfg, randomly initialised from a config object (no download),
     and the ModelConfig overrides that make our model its match. Their experts are SwiGLU (3 matrices
@@ -329,8 +355,8 @@ def row_mfu(args, device, out):
     out['mm_mfu'] = mm_flops / peak if peak else None
 
 
-ROWS = [row_train_vs_mm, row_moe_vs_dense, row_latent_attn_vs_causal, row_cache_speedup, row_vs_transformers,
-        row_mfu]
+ROWS = [row_train_vs_mm, row_moe_vs_dense, row_latent_attn_vs_causal, row_cache_speedup, row_mla_decode_vs_latent,
+        row_vs_transformers, row_mfu]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,9 +388,10 @@ def main(argv=None):
     args.attn_T = 64 if q else 1024
     args.gen_tokens = 16 if q else 512
     args.gen_repeats = 1 if q else 3
+    args.decode_tokens = 8 if q else 32
 
-    # time the process as train.py runs it (train.py may tune the allocator; this follows when it does)
-    getattr(train, 'keep_freed_memory', lambda: None)()
+    # time the process as train.py runs it, with its allocator setting
+    train.keep_freed_memory()
     out = {'device': torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads',
            'torch': torch.__version__, 'quick': q, 'load_avg': round(os.getloadavg()[0], 2)}
     if not cuda and out['load_avg'] > 0.5 * (os.cpu_count() or 1):
@@ -384,6 +411,7 @@ def main(argv=None):
 
 
 INFO_KEYS = ('device', 'torch', 'quick', 'load_avg')
+UNITS = {'_gflops': 'GFLOP/s', '_tok_s': 'tokens/s'}
 
 
 def print_table(out):
@@ -393,10 +421,10 @@ def print_table(out):
             continue
         shown = 'null' if value is None else f"{value:.3f}"
         goal = GOALS.get(key)
-        if key.endswith('_gflops'):   # context, not a ratio
+        unit = next((u for suffix, u in UNITS.items() if key.endswith(suffix)), '')
+        if unit:   # context, not a ratio
             shown, goal = f"{value:.1f}", None
         verdict = '' if goal is None or value is None or out['quick'] else ('ok' if value >= goal else 'BELOW')
-        unit = 'GFLOP/s' if key.endswith('_gflops') else ''
         print(f"{key:26s} {shown:>8s}   {'>= ' + format(goal, 'g') + '  ' + verdict if goal else unit}")
     note = ', --quick: smoke sizes, not the real figures' if out['quick'] else ''
     print(f"({out['device']}, torch {out['torch']}, load average {out['load_avg']} at start{note})")

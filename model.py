@@ -263,6 +263,24 @@ def _grouped_mm_backward(ctx, grad):
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
+class GatherRows(torch.autograd.Function):
+    """rows[s] = x[perm[s] // k] for a permutation `perm` of the N*k (token, choice) pairs, inv = its inverse.
+    Autograd's own backward for x[idx] scatter-adds (slow on CPU, nondeterministic on CUDA); knowing the
+    permutation, the backward is a gather instead: grad_x[t] = sum_j grad[inv[t*k + j]]."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv, k):
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, perm // k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv, = ctx.saved_tensors
+        grad = grad.index_select(0, inv)
+        return (grad if ctx.k == 1 else grad.unflatten(0, (-1, ctx.k)).sum(1)), None, None, None
+
+
 def max_violation(counts):
     """MaxVio = (max_i load_i - mean load) / mean load, per row of (..., n_expert) token counts."""
     mean = counts.float().mean(-1)
@@ -307,18 +325,29 @@ class MoE(nn.Module):
         counts = torch.zeros_like(self.expert_counts).scatter_add_(0, expert.flatten(), torch.ones_like(gate).flatten())
         with torch.no_grad():
             self.expert_counts += counts
-        # dispatch: slots sorted by expert; offs[e] = end of expert e's run (no host sync anywhere)
-        order = expert.flatten().argsort(stable=True)
-        token = order // self.k
-        offs = counts.cumsum(0).to(torch.int32)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        h = F.silu(grouped_mm(x[token].to(dtype), self.w1.to(dtype), offs))
-        out = self.dropout(grouped_mm(h, self.w2.to(dtype), offs))
-        out = out * gate.flatten()[order].unsqueeze(1).to(out.dtype)
-        y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+        if not self.training and expert.numel() < self.n_expert:
+            out = self.decode_experts(x.to(dtype), expert, dtype)
+        else:
+            # dispatch: slots sorted by expert; offs[e] = end of expert e's run (no host sync anywhere)
+            order = expert.flatten().argsort(stable=True)    # slot -> (token, choice) pair
+            inv = order.argsort()                             # pair -> slot
+            offs = counts.cumsum(0).to(torch.int32)
+            h = F.silu(grouped_mm(GatherRows.apply(x.to(dtype), order, inv, self.k), self.w1.to(dtype), offs))
+            out = self.dropout(grouped_mm(h, self.w2.to(dtype), offs))
+            out = GatherRows.apply(out, inv, order, 1)        # back to pair order: (N*k, D)
+        # combine: each token's k expert outputs weighted by its gates
+        y = (out.view(B * T, self.k, D).to(x.dtype) * gate.unsqueeze(-1).to(x.dtype)).sum(1)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(B, T, D)
+
+    def decode_experts(self, x, expert, dtype):
+        """Inference on fewer (token, choice) pairs than experts, as when decoding one token: run just the
+        chosen experts' weights, pair by pair, instead of a grouped matmul over all of them."""
+        rows = [F.silu(x[p // self.k, None] @ self.w1[e].to(dtype)) @ self.w2[e].to(dtype)
+                for p, e in enumerate(expert.flatten().tolist())]   # pair p = (token p // k, its choice)
+        return torch.cat(rows)                                         # (N*k, D) in pair order
 
 
 # ----------------------------------------------------------------------------------------------

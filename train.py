@@ -9,6 +9,7 @@ Every key below (and every ModelConfig field, under its own name) can be set by 
 (plain Python) and then by --key=value, as in nanoGPT.
 """
 
+import ctypes
 import dataclasses
 import gc
 import json
@@ -73,6 +74,20 @@ def gpu_peak_flops(device_type):
         return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def keep_freed_memory():
+    """On Linux/glibc, keep freed memory in the process instead of handing it back to the OS. glibc maps
+    every block over 32 MB (the logits, their gradient) fresh and unmaps it on free, so each CPU step
+    page-faults through them again: about a fifth of a mini step. A no-op elsewhere."""
+    if not sys.platform.startswith('linux'):
+        return
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD: serve blocks under 1 GiB from the heap
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap top untrimmed
+    except (OSError, AttributeError):   # musl and other libcs: nothing to tune
+        pass
 
 
 def get_lr(it, cfg):
@@ -140,6 +155,7 @@ def fmt_time(s):
 
 
 def main(argv):
+    keep_freed_memory()
     cfg = configurator.parse_config(argv, DEFAULTS, ignore_unknown_file_keys=set(prepare.DEFAULTS))
     for key in ('batch_size', 'gradient_accumulation_steps', 'max_iters', 'eval_interval', 'eval_iters',
                 'log_interval'):
@@ -218,7 +234,7 @@ def main(argv):
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': cfg['weight_decay']},
                                    {'params': no_decay, 'weight_decay': 0.0}],
                                   lr=cfg['learning_rate'], betas=(cfg['beta1'], cfg['beta2']),
-                                  fused=device_type == 'cuda')
+                                  fused=device_type in ('cuda', 'cpu'))   # one kernel for all parameters
     scaler = torch.amp.GradScaler(device_type, enabled=dt == 'float16')
     if ckpt is not None:
         optimizer.load_state_dict(ckpt['optimizer'])

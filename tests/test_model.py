@@ -465,6 +465,18 @@ def test_moe_matches_naive_loop_with_grads(score, k, shared, rig):
             assert grads[1][cold].abs().max() == 0 and grads[2][cold].abs().max() == 0
 
 
+@pytest.mark.parametrize('k, T, shared', [(2, 1, 0), (1, 3, 0), (2, 1, 1), (1, 1, 0)])
+def test_moe_decode_path_matches_naive_loop(k, T, shared):
+    # in inference, fewer (token, choice) pairs than experts take the per-pair path instead of grouped_mm
+    moe = make_moe(n_expert_active=k, n_shared_expert=shared)
+    assert T * k < moe.n_expert
+    x = torch.randn(1, T, 64)
+    y = moe(x)
+    y_ref, counts = moe_ref(moe, x.view(-1, 64))
+    torch.testing.assert_close(y, y_ref.view_as(y), atol=ATOL, rtol=ATOL)
+    assert torch.equal(moe.expert_counts, counts)
+
+
 def test_shared_expert_is_always_on_and_counted():
     moe = make_moe(n_shared_expert=1)
     x = torch.randn(1, 5, 64)
