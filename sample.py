@@ -60,7 +60,7 @@ def sample(argv):
     cfg = configurator.parse_config(space_separated_values(argv, DEFAULTS), DEFAULTS, ignore_unknown_file_keys=True)
     check_config(cfg)
     prompts, from_file = read_prompts(cfg['start'])   # before the (maybe slow) load: fail fast
-    dev, dt = pick_device(cfg['device'], cfg['dtype'])
+    dev, dt = train.pick_device(cfg['device'], cfg['dtype'])
     device_type = 'cuda' if dev.startswith('cuda') else dev
     autocast = nullcontext() if dt == torch.float32 else torch.autocast(device_type=device_type, dtype=dt)
 
@@ -171,18 +171,6 @@ def check_config(cfg):
         raise UserError(f"top_k must be >= 0 (0 = off), got {cfg['top_k']}")
     if not 0 < cfg['top_p'] <= 1:
         raise UserError(f"top_p must be in (0, 1] (1 = off), got {cfg['top_p']}")
-    if cfg['dtype'] not in ('auto', 'float32', 'bfloat16', 'float16'):
-        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg['dtype']!r}")
-
-
-def pick_device(device, dtype):
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError(f"--device={device} but CUDA is not available: use --device=cpu")
-    if dtype == 'auto':
-        dtype = 'bfloat16' if device.startswith('cuda') and torch.cuda.is_bf16_supported() else 'float32'
-    return device, getattr(torch, dtype)
 
 
 def sync(device):

@@ -76,6 +76,20 @@ def gpu_peak_flops(device_type):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def pick_device(device, dtype):
+    """(device, torch dtype) for the device/dtype keys: 'auto' is cuda > mps > cpu, and bf16 autocast on
+    CUDA (fp16 on GPUs without bf16), fp32 elsewhere. Shared with sample.py."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f"device={device} but CUDA is not available: use --device=cpu")
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if dtype == 'auto':
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device.startswith('cuda') else 'float32'
+    return device, getattr(torch, dtype)
+
+
 def keep_freed_memory():
     """On Linux/glibc, keep freed memory in the process instead of handing it back to the OS. glibc maps
     every block over 32 MB (the logits, their gradient) fresh and unmaps it on free, so each CPU step
@@ -163,14 +177,10 @@ def main(argv):
             raise UserError(f"{key} must be positive, got {cfg[key]}")
     if cfg['init_from'] not in ('scratch', 'resume'):
         raise UserError(f"init_from must be 'scratch' or 'resume', got {cfg['init_from']!r}")
-    if cfg['dtype'] not in ('auto', 'float32', 'bfloat16', 'float16'):
-        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg['dtype']!r}")
 
     # --- processes and devices -------------------------------------------------------------------
     ddp = int(os.environ.get('RANK', -1)) != -1
-    dev = cfg['device']
-    if dev == 'auto':
-        dev = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    dev, ptdtype = pick_device(cfg['device'], cfg['dtype'])
     if ddp:
         rank, local_rank, world = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
         torch.distributed.init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
@@ -181,10 +191,7 @@ def main(argv):
         rank, world = 0, 1
     master = rank == 0
     device_type = 'cuda' if dev.startswith('cuda') else dev
-    dt = cfg['dtype']
-    if dt == 'auto':
-        dt = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dt]
+    dt = str(ptdtype).removeprefix('torch.')
     autocast = nullcontext() if dt == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
     use_compile = device_type == 'cuda' if cfg['compile'] is None else bool(cfg['compile'])
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -201,6 +201,7 @@ def write_truncated(tiny, path):
      'prompt file no-such-prompts.txt not found'),
     (lambda tiny, p: shutil.copy(tiny[0], p), ['--temperature=-1'], 'temperature must be >= 0'),
     (lambda tiny, p: shutil.copy(tiny[0], p), ['--max_new_tokens'], '--max_new_tokens needs a value'),
+    (lambda tiny, p: shutil.copy(tiny[0], p), ['--dtype=float8'], "dtype must be auto, float32, bfloat16 or float16"),
 ])
 def test_mistakes_are_one_line(tiny, capsys, tmp_path, monkeypatch, make, args, message):
     monkeypatch.chdir(tmp_path)

@@ -106,6 +106,9 @@ def test_torchrun_two_processes_stay_in_sync(data_dir, tmp_path):
     (['--init_from=resume', '--out_dir=nowhere-xyz'], 'no checkpoint at nowhere-xyz/ckpt.pt'),
     (['--vocab_size=300'], 'vocab_size 300 is smaller than the tokenizer'),
     (['config/nope.py'], 'config file config/nope.py not found'),
+    (['--dtype=float8'], "dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
+    pytest.param(['--device=cuda'], 'device=cuda but CUDA is not available: use --device=cpu',
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')),
 ])
 def test_bad_input_is_one_clean_line(data_dir, args, message):
     p = run_train(*TINY, f'--data_dir={data_dir}', *args, check=False)
