@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -261,7 +262,9 @@ def main(argv):
         model = torch.compile(model)
     if ddp:
         # the MoE's token counters are buffers: DDP must not overwrite them with rank 0's (counts are all-reduced
-        # in update_router_bias, which keeps every rank's expert_bias identical)
+        # in update_router_bias, which keeps every rank's expert_bias identical). Newer torch deprecates the
+        # flag, but its own warning says to keep it for rank-local buffers until a replacement lands.
+        warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device_type == 'cuda' else None,
                                                           broadcast_buffers=False)
 
