@@ -193,11 +193,15 @@ class MultiHeadLatentAttention(nn.Module):
     def compress(self, x):
         """x (..., n_embd) -> normalised c_kv (..., rank), unrotated k_rope (..., rope)."""
         c_kv, k_rope = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
-        return self.kv_norm(c_kv), k_rope
+        return self.kv_norm(c_kv.float()).type_as(c_kv), k_rope   # norm in fp32 (its weight's dtype) under autocast
 
     def forward(self, x, cos, sin, attn_mask, is_causal, cache=None, layer=0):
         B, T, _ = x.shape
-        q = self.wq(x) if hasattr(self, 'wq') else self.wq_b(self.q_norm(self.wq_a(x)))
+        if hasattr(self, 'wq'):
+            q = self.wq(x)
+        else:
+            q_a = self.wq_a(x)
+            q = self.wq_b(self.q_norm(q_a.float()).type_as(q_a))
         q_nope, q_rope = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin)
         c_kv, k_rope = self.compress(x)
