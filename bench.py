@@ -89,11 +89,9 @@ def load_config(name, **overrides):
 
 
 def autocast_for(device):
-    """train.py's dtype='auto': bf16 autocast on CUDA (fp16 where bf16 is missing), plain fp32 elsewhere."""
-    if device.type == 'cuda':
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return dtype, torch.autocast('cuda', dtype=dtype)
-    return torch.float32, nullcontext()
+    """(dtype, autocast context) of train.py's dtype='auto' on this device."""
+    _, dtype = train.pick_device(device.type, 'auto')
+    return dtype, nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def matmul(n, dtype, device):
