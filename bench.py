@@ -13,23 +13,25 @@ holds on a shared, noisy machine where absolute times would not. Rows (JSON keys
     train_vs_mm            compiled train step (forward, backward, grad clip, AdamW, router-bias update)
                            of config/deepseek_mini.py in model FLOP/s, over the FLOP/s of a plain
                            torch.mm of the same dtype                                          [>= 0.70]
-    moe_vs_dense           the MoE layer at the seed's sizes (768 -> 2048, 8 experts top-2; router,
+    moe_vs_dense           the MoE layer at the reference sizes (768 -> 2048, 8 experts top-2; router,
                            dispatch, experts, combine; forward + backward) over a dense FFN doing the
                            same useful FLOPs on N*k tokens                                     [>= 0.90]
-    latent_attn_vs_causal  the seed's latent-token attention layer at T=1024 over the same layer with
+    latent_attn_vs_causal  the card's latent-token attention layer at T=1024 over the same layer with
                            no latents and plain causal SDPA                                    [>= 0.95]
     cache_speedup          model.generate of 512 tokens with the KV cache over full forwards   [>= 10]
-    mla_decode_vs_latent   cached greedy decoding at the seed's sizes after 1,000 tokens (_ctx16: after
-                           16), attention='mla' over the seed's latent-token GQA, with tokens/s
+    mla_decode_vs_latent   cached greedy decoding at the reference sizes after 1,000 tokens (_ctx16:
+                           after 16), attention='mla' over the card's latent-token GQA, with tokens/s
     vs_transformers        our train step over transformers' MixtralForCausalLM at matched dims, both
                            in model FLOP/s (null without transformers); vs_deepseek_v3 likewise
                            against DeepseekV3ForCausalLM and our MLA variant                 [>= 1.3]
     mfu                    CUDA only: config/deepseek.py train step (bf16, compiled) over the GPU's
                            peak FLOP/s (null on CPU)
+    compile_speedup        seconds to the first compiled train step of a 24-layer model, the whole model
+                           as one graph over each block compiled on its own (train.py's way), with both
+                           times (compile_whole_s, compile_blocks_s)
 Keys ending in _eager are the same pairs without torch.compile.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -37,18 +39,15 @@ import statistics
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)
+import common
+from model import DeepSeekLM, LatentTokenAttention, ModelConfig, MoE, apply_rope, attend, rope_tables
 
-import configurator  # noqa: E402
-import prepare  # noqa: E402
-import train  # noqa: E402
-from model import DeepSeekLM, LatentTokenAttention, ModelConfig, MoE, apply_rope, attend, rope_tables  # noqa: E402
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MODEL_KEYS = [f.name for f in dataclasses.fields(ModelConfig)]
 
 GOALS = {'train_vs_mm': 0.70, 'moe_vs_dense': 0.90, 'latent_attn_vs_causal': 0.95, 'cache_speedup': 10.0,
          'vs_transformers': 1.3, 'vs_deepseek_v3': 1.3}
@@ -82,16 +81,21 @@ def timeit_pair(fa, fb, device, repeats, warmup=2):
 # setup shared by the rows
 
 def load_config(name, **overrides):
-    """config/<name> read exactly as train.py reads it (defaults, then the file), overrides on top."""
-    cfg = configurator.parse_config([os.path.join(ROOT, 'config', name)], train.DEFAULTS,
-                                    ignore_unknown_file_keys=set(prepare.DEFAULTS))
+    """The model keys and batch_size of config/<name> over ModelConfig's defaults, overrides on top."""
+    file = common.read_config_file(os.path.join(ROOT, 'config', name))
+    cfg = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    cfg.update({k: v for k, v in file.items() if k in cfg or k in ('batch_size', 'block_size')})
     return {**cfg, **overrides}
+
+
+def model_config(cfg):
+    return ModelConfig(**{k: cfg[k] for k in MODEL_KEYS})
 
 
 def autocast_for(device):
     """(dtype, autocast context) of train.py's dtype='auto' on this device."""
-    _, dtype = train.pick_device(device.type, 'auto')
-    return dtype, nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    _, dtype = common.pick_device(device.type, 'auto')
+    return dtype, common.autocast(device.type, dtype)
 
 
 def matmul(n, dtype, device):
@@ -112,16 +116,12 @@ def fwd_bwd(f, ctx, tensors):
     return run
 
 
-def train_step(model, loss_of, device, after_step=lambda: None):
+def train_step(model, loss_of, device, optimizer=None, after_step=lambda: None):
     """One iteration of train.py's loop on a fixed batch: loss_of(model) (the forward, under autocast),
-    backward, grad clip, AdamW as train.py builds it (decay on matmul weights only, fused),
-    zero_grad, after_step()."""
-    named = list(model.named_parameters())
-    decay = [p for n, p in named if p.dim() >= 2 and 'latent' not in n]
-    no_decay = [p for n, p in named if p.dim() < 2 or 'latent' in n]
-    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}],
-                            lr=1e-4, betas=(0.9, 0.95), fused=device.type in ('cuda', 'cpu'))   # keep in step with train.py
-    params = [p for _, p in named]
+    backward, grad clip, the optimizer (default: fused AdamW over all parameters), zero_grad, after_step()."""
+    params = list(model.parameters())
+    opt = optimizer or torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                         fused=device.type in ('cuda', 'cpu'))
 
     def step():
         loss_of(model).backward()
@@ -138,7 +138,7 @@ _steps = {}
 def our_train_step(cfg, device, compiled):
     """(step function, model FLOPs per step) of DeepSeekLM at cfg, trained as train.py trains it.
     Memoised: several rows time the same compiled model and compilation is the slow part."""
-    mconf = ModelConfig(**{k: cfg[k] for k in train.MODEL_KEYS})
+    mconf = model_config(cfg)
     key = (repr(mconf), cfg['batch_size'], compiled)
     if key not in _steps:
         torch.manual_seed(0)
@@ -150,9 +150,13 @@ def our_train_step(cfg, device, compiled):
         def loss_of(m):
             with ctx:
                 return m(x[:, :-1], x[:, 1:])[1]
-        model = torch.compile(raw) if compiled else raw
+        if compiled:
+            raw.compile_blocks()   # as train.py compiles it
+        model = raw
+        opt, = raw.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)   # train.py's default AdamW
         # train.py updates the balancing bias (and resets the expert counters) after every step
-        _steps[key] = train_step(model, loss_of, device, raw.update_router_bias), raw.flops_per_token(T) * B * T
+        _steps[key] = (train_step(model, loss_of, device, opt, raw.update_router_bias),
+                       raw.flops_per_token(T) * B * T)
     return _steps[key]
 
 
@@ -199,13 +203,13 @@ def row_moe_vs_dense(args, device, out):
 
 
 def row_latent_attn_vs_causal(args, device, out):
-    """The seed's LatentTokenAttention (projections, RoPE, latent keys and values, SDPA, output) against
+    """The card's LatentTokenAttention (projections, RoPE, latent keys and values, SDPA, output) against
     the same layer and weights with no latents and plain causal SDPA: what the latents cost."""
-    cfg = ModelConfig()   # the seed: 12 query / 4 key-value heads of 64, 8 latents
+    cfg = ModelConfig()   # the reference: 12 query / 4 key-value heads of 64, 8 latents
     B, T = 2, args.attn_T
     _, ctx = autocast_for(device)
     torch.manual_seed(0)
-    attn = LatentTokenAttention(cfg).to(device)
+    attn = LatentTokenAttention(cfg, layer_idx=0).to(device)
     for p in attn.parameters():
         nn.init.normal_(p, std=0.02)
     cos, sin = (t.view(1, T, 1, -1).to(device) for t in rope_tables(cfg.head_dim, T, cfg.rope_theta))
@@ -228,7 +232,7 @@ def row_cache_speedup(args, device, out):
     prompt, n = 16, args.gen_tokens
     cfg = load_config('deepseek_mini.py', block_size=prompt + n)
     torch.manual_seed(0)
-    model = DeepSeekLM(ModelConfig(**{k: cfg[k] for k in train.MODEL_KEYS})).to(device).eval()
+    model = DeepSeekLM(model_config(cfg)).to(device).eval()
     idx = torch.randint(cfg['vocab_size'], (1, prompt), device=device)
     _, ctx = autocast_for(device)
 
@@ -244,13 +248,12 @@ def row_cache_speedup(args, device, out):
 
 
 def row_mla_decode_vs_latent(args, device, out):
-    """Decoding speed of the two attention types at the seed's sizes (--quick: the mini config's), batch 1,
+    """Decoding speed of the two attention types at the reference sizes (--quick: the mini config's), batch 1,
     greedy, KV cache on (MLA decodes through its absorbed path): args.decode_tokens new tokens after a
     16-token prompt and after a 1,000-token one. The prompt is prefilled once, outside the timing; each
-    timed run decodes from it and rewinds the cache. MLA over the seed's latent-token GQA; each one's
+    timed run decodes from it and rewinds the cache. MLA over the card's latent-token GQA; each one's
     tokens/s at the long context is context: it moves with load."""
-    base = (ModelConfig(**{k: load_config('deepseek_mini.py')[k] for k in train.MODEL_KEYS}) if args.quick
-            else ModelConfig())
+    base = model_config(load_config('deepseek_mini.py')) if args.quick else ModelConfig()
     _, ctx = autocast_for(device)
     n = args.decode_tokens
     models = {}
@@ -357,35 +360,79 @@ def row_vs_transformers(args, device, out):
 def row_mfu(args, device, out):
     """CUDA only: a config/deepseek.py train step (bf16 autocast, compiled) over the GPU's peak FLOP/s,
     and over the bf16 torch.mm timed next to it (deepseek_vs_mm)."""
-    peak = train.gpu_peak_flops(device.type)
+    peak = common.gpu_peak_flops(device.type)
     if device.type != 'cuda' or not args.compile:
         out['mfu'] = None
         return
     cfg = load_config('deepseek.py')
     out['deepseek_vs_mm'], step_flops, mm_flops = vs_mm(*our_train_step(cfg, device, compiled=True), device, args)
-    out['mfu'] = step_flops / peak if peak else None   # None: a GPU missing from train.PEAK_FLOPS
+    out['mfu'] = step_flops / peak if peak else None   # None: a GPU missing from common.PEAK_FLOPS
     out['mm_mfu'] = mm_flops / peak if peak else None
 
 
+def row_compile_time(args, device, out):
+    """Seconds from nothing to the first compiled train step (forward + backward) of a 24-layer model:
+    the whole model compiled as one graph, against each block on its own (train.py's way, one compiled
+    block serving all 24), and their ratio. The mini config's widths: compile time follows the size of
+    the graph, not the width of its tensors. Inductor's caches are off, so both compile from scratch."""
+    if not args.compile:
+        out['compile_whole_s'] = out['compile_blocks_s'] = out['compile_speedup'] = None
+        return
+    import torch._dynamo
+    import torch._inductor.config
+    cfg = load_config('deepseek_mini.py', n_layer=24, **args.mini)
+    B, T = cfg['batch_size'], cfg['block_size']
+    _, ctx = autocast_for(device)
+    x = torch.randint(cfg['vocab_size'], (B, T + 1), device=device)
+    seconds = {}
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for way in ('whole', 'blocks'):
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = DeepSeekLM(model_config(cfg)).to(device).train()
+            if way == 'whole':
+                model = torch.compile(model, fullgraph=True)
+            else:
+                model.compile_blocks()
+            sync(device)
+            t0 = time.perf_counter()
+            with ctx:
+                loss = model(x[:, :-1], x[:, 1:])[1]
+            loss.backward()
+            sync(device)
+            seconds[way] = time.perf_counter() - t0
+    torch._dynamo.reset()
+    out['compile_whole_s'], out['compile_blocks_s'] = seconds['whole'], seconds['blocks']
+    out['compile_speedup'] = seconds['whole'] / seconds['blocks']
+
+
 ROWS = [row_train_vs_mm, row_moe_vs_dense, row_latent_attn_vs_causal, row_cache_speedup, row_mla_decode_vs_latent,
-        row_vs_transformers, row_mfu]
+        row_vs_transformers, row_mfu, row_compile_time]
 
 
 # ----------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--json', action='store_true', help='also print one JSON object on the last line')
-    p.add_argument('--quick', action='store_true', help='smoke run: small sizes, few repeats, no torch.compile')
-    p.add_argument('--device', default='auto', help="'auto' = cuda if present, else cpu")
-    p.add_argument('--only', default='', help='comma-separated row names to run, e.g. moe_vs_dense')
-    args = p.parse_args(argv)
+# the command line: python bench.py [--key=value ...]
+DEFAULTS = dict(
+    json=False,     # also print one JSON object on the last line
+    quick=False,    # smoke run: small sizes, few repeats, no torch.compile
+    device='auto',  # 'auto' = cuda if present, else cpu
+    only='',        # comma-separated row names to run, e.g. moe_vs_dense
+)
+
+
+class Args:
+    def __init__(self, cfg):
+        self.__dict__.update(cfg)
+
+
+def main(argv):
+    args = Args(common.parse_config(argv, DEFAULTS)[0])
     names = [r.__name__[len('row_'):] for r in ROWS]
     only = [s for s in args.only.split(',') if s]
     if set(only) - set(names):
-        p.error(f"unknown rows {sorted(set(only) - set(names))}; rows are {', '.join(names)}")
-    device = torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device)
+        raise common.UserError(f"unknown rows {sorted(set(only) - set(names))}: rows are {', '.join(names)}")
+    device = torch.device(common.pick_device(args.device, 'auto')[0])
     cuda = device.type == 'cuda'
     torch.backends.cuda.matmul.allow_tf32 = True   # as train.py
     torch.backends.cudnn.allow_tf32 = True
@@ -403,7 +450,7 @@ def main(argv=None):
     args.decode_tokens = 8 if q else 16
 
     # time the process as train.py runs it, with its allocator setting
-    train.keep_freed_memory()
+    common.keep_freed_memory()
     out = {'device': torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads',
            'torch': torch.__version__, 'quick': q, 'load_avg': round(os.getloadavg()[0], 2)}
     if not cuda and out['load_avg'] > 0.5 * (os.cpu_count() or 1):
@@ -423,7 +470,7 @@ def main(argv=None):
 
 
 INFO_KEYS = ('device', 'torch', 'quick', 'load_avg')
-UNITS = {'_gflops': 'GFLOP/s', '_tok_s': 'tokens/s'}
+UNITS = {'_gflops': 'GFLOP/s', '_tok_s': 'tokens/s', '_s': 'seconds'}
 
 
 def print_table(out):
@@ -435,7 +482,7 @@ def print_table(out):
         goal = GOALS.get(key)
         unit = next((u for suffix, u in UNITS.items() if key.endswith(suffix)), '')
         if unit:   # context, not a ratio
-            shown, goal = f"{value:.1f}", None
+            shown, goal = ('null' if value is None else f"{value:.1f}"), None
         verdict = '' if goal is None or value is None or out['quick'] else ('ok' if value >= goal else 'BELOW')
         print(f"{key:26s} {shown:>8s}   {'>= ' + format(goal, 'g') + '  ' + verdict if goal else unit}")
     note = ', --quick: smoke sizes, not the real figures' if out['quick'] else ''
@@ -444,4 +491,4 @@ def print_table(out):
 
 if __name__ == '__main__':
     warnings.filterwarnings('ignore', message='.*TF32.*')   # allow_tf32 is deprecated in new torch; train.py sets it too
-    main()
+    common.run(main, sys.argv[1:])

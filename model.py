@@ -3,12 +3,14 @@ A DeepSeek-style language model in one file.
 
     token embedding (tied with the LM head)
     n_layer x Block:
-        x = x + Attention(RMSNorm(x))     latent-token GQA (the seed) or Multi-head Latent Attention
-        x = x + MoE(RMSNorm(x))           top-k routed experts, auxiliary-loss-free load balancing
+        x = x + Attention(RMSNorm(x))     latent-token GQA (the reference) or Multi-head Latent Attention
+        x = x + MoE(RMSNorm(x))           Router -> top-k of n_expert experts, auxiliary-loss-free balancing
     RMSNorm -> LM head
 
-Reading order: ModelConfig, RoPE, the two attention types, the MoE, Block, DeepSeekLM (forward,
-balancing, generation with a KV cache). The defaults of ModelConfig are the seed's architecture card.
+Reading order: ModelConfig; RoPE and the two attention types; the MoE (Router, experts); Block;
+KVCache; DeepSeekLM (forward, balancing, optimizer, generation); at the end the kernels the MoE runs
+on (grouped matmul, permutation gather). ModelConfig's defaults are the reference configuration of
+the architecture card, config/deepseek.py: 679.8M parameters, 226.8M active per token.
 """
 
 import math
@@ -28,7 +30,7 @@ class ModelConfig:
     block_size: int = 1024          # longest sequence of tokens (latents not counted)
     norm_eps: float = 1e-5
     # attention
-    attention: str = 'latent'       # 'latent': GQA with learnable latent tokens (seed) | 'mla'
+    attention: str = 'latent'       # 'latent': GQA with learnable latent tokens (the card's) | 'mla'
     n_head: int = 12
     n_kv_head: int = 4
     head_dim: int = 64
@@ -75,9 +77,11 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a multiple of 8 (grouped matmul alignment), got {getattr(self, name)}")
         if not 0 <= self.expert_dropout < 1:
             raise ValueError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
-        for name in ('router_jitter', 'balance_rate', 'rope_theta', 'norm_eps'):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ('router_jitter', 'balance_rate', 'norm_eps'):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.rope_theta > 1:
+            raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
         if self.attention == 'mla':
             self.kv_lora_rank = self.kv_lora_rank or 2 * self.head_dim
             self.qk_nope_head_dim = self.qk_nope_head_dim or self.head_dim
@@ -112,7 +116,7 @@ def attend(q, k, v, attn_mask, is_causal, scale=None):
 
     is_causal: the keys are exactly [S-T latents; the T query tokens]. We prepend S-T zero queries so
     that the square causal mask lets token t see every latent and tokens <= t, then drop their rows:
-    SDPA's is_causal kernel skips the masked upper triangle, an explicit mask cannot (1.4x at T=1024).
+    SDPA's is_causal kernel skips the masked upper triangle, which an explicit mask cannot.
     Otherwise attn_mask is None (decode: every cached key is visible) or a bool (B, 1, T, S) mask."""
     B, T = q.shape[:2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -127,14 +131,15 @@ def attend(q, k, v, attn_mask, is_causal, scale=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention type 1 (the seed): grouped-query attention with learnable latent tokens
+# Attention type 1 (the card's): grouped-query attention with learnable latent tokens
 
 class LatentTokenAttention(nn.Module):
     """12 query heads share 4 key/value heads. Each layer owns n_latent learnable vectors whose keys and
     values sit ahead of the sequence, unrotated, visible to every query (a learned attention sink)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_idx):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
@@ -145,17 +150,17 @@ class LatentTokenAttention(nn.Module):
     def cache_numel_per_token(self):
         return 2 * self.n_kv_head * self.head_dim
 
-    def forward(self, x, cos, sin, attn_mask, is_causal, cache=None, layer=0):
+    def forward(self, x, cos, sin, attn_mask, is_causal, cache=None):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_head, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
-        if cache is None or cache.len == 0:  # latent keys/values lead the sequence (and the cache)
+        if cache is None or cache.first:  # latent keys/values lead the sequence (and the cache)
             L = self.latent.size(0)
             k = torch.cat([self.wk(self.latent).view(1, L, self.n_kv_head, self.head_dim).expand(B, -1, -1, -1).to(k.dtype), k], 1)
             v = torch.cat([self.wv(self.latent).view(1, L, self.n_kv_head, self.head_dim).expand(B, -1, -1, -1).to(v.dtype), v], 1)
         if cache is not None:
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(self.layer_idx, k, v)
         return self.wo(attend(q, k, v, attn_mask, is_causal))
 
 
@@ -168,8 +173,9 @@ class MultiHeadLatentAttention(nn.Module):
     Decoding uses the absorbed form: W_UK folds into the query and W_UV into the output, so attention
     runs directly against the cached latents (one shared 'head' of width kv_lora_rank + rope)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_idx):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_head = cfg.n_head
         self.nope, self.rope, self.v_dim, self.rank = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                                        cfg.v_head_dim, cfg.kv_lora_rank)
@@ -195,7 +201,7 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_rope = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
         return self.kv_norm(c_kv.float()).type_as(c_kv), k_rope   # norm in fp32 (its weight's dtype) under autocast
 
-    def forward(self, x, cos, sin, attn_mask, is_causal, cache=None, layer=0):
+    def forward(self, x, cos, sin, attn_mask, is_causal, cache=None):
         B, T, _ = x.shape
         if hasattr(self, 'wq'):
             q = self.wq(x)
@@ -206,14 +212,14 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope = apply_rope(q_rope, cos, sin)
         c_kv, k_rope = self.compress(x)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
-        decoding = cache is not None and cache.len > 0
+        decoding = cache is not None and not cache.first
         if not decoding:  # latent tokens go through the same compression, never rotated
             L = self.latent.size(0)
             lat_c, lat_r = self.compress(self.latent)
             c_kv = torch.cat([lat_c.expand(B, L, -1).to(c_kv.dtype), c_kv], 1)
             k_rope = torch.cat([lat_r.expand(B, L, -1).to(k_rope.dtype), k_rope], 1)
         if cache is not None:
-            c_kv, k_rope = cache.update(layer, c_kv, k_rope)
+            c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
         attend_fn = self.attend_absorbed if decoding else self.attend_naive
         return self.wo(attend_fn(q_nope, q_rope, c_kv, k_rope, attn_mask, is_causal and not decoding))
 
@@ -228,8 +234,8 @@ class MultiHeadLatentAttention(nn.Module):
     def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, attn_mask, is_causal):
         """Same result, attending to the compressed cache: q_nope·W_UK·c_kv and (p·c_kv)·W_UV.
         All heads share the one latent 'head', so they ride along the query axis, (T*H) queries against
-        S keys: asking SDPA for GQA instead would copy the cache once per head (4.5x slower per layer at
-        1,000 cached tokens on CPU). Decoding never needs is_causal; it becomes an explicit mask here."""
+        S keys: asking SDPA for GQA instead would copy the whole cache once per head.
+        Decoding never needs is_causal; it becomes an explicit mask here."""
         B, T, H, _ = q_nope.shape
         w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, :self.nope].to(q_nope.dtype), w[:, self.nope:].to(q_nope.dtype)
@@ -244,70 +250,53 @@ class MultiHeadLatentAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Mixture of experts
+# Mixture of experts: a Router picks k experts per token; the experts run as grouped matmuls
 
-@torch.library.custom_op("deepseek_nano::grouped_mm", mutates_args=())
-def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    """F.grouped_mm as an opaque op: its own compile-time shape function only accepts bf16, ours any dtype.
-    (N, K) @ (G, K, M) -> (N, M), rows split into groups at offs; or (K, N) @ (N, M) -> (G, K, M)."""
-    return F.grouped_mm(a, b, offs=offs)
+class Router(nn.Module):
+    """Scores every expert, picks the top k of score + expert_bias, and counts the picks.
 
-
-@grouped_mm.register_fake
-def _(a, b, offs):
-    if b.dim() == 3:
-        return a.new_empty(a.size(0), b.size(2))
-    return a.new_empty(offs.size(0), a.size(0), b.size(1))
-
-
-def _grouped_mm_setup(ctx, inputs, output):
-    a, b, offs = inputs
-    ctx.save_for_backward(a, b, offs)
-
-
-def _grouped_mm_backward(ctx, grad):
-    a, b, offs = ctx.saved_tensors
-    grad = grad.contiguous()  # the kernel rejects stride-0 gradients (e.g. from y.sum())
-    return grouped_mm(grad, b.transpose(1, 2), offs), grouped_mm(a.t(), grad, offs), None
-
-
-grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
-
-
-class GatherRows(torch.autograd.Function):
-    """rows[s] = x[perm[s] // k] for a permutation `perm` of the N*k (token, choice) pairs, inv = its inverse.
-    Autograd's own backward for x[idx] scatter-adds (slow on CPU, nondeterministic on CUDA); knowing the
-    permutation, the backward is a gather instead: grad_x[t] = sum_j grad[inv[t*k + j]]."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inv, k):
-        ctx.save_for_backward(inv)
-        ctx.k = k
-        return x.index_select(0, perm // k)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inv, = ctx.saved_tensors
-        grad = grad.index_select(0, inv)
-        return (grad if ctx.k == 1 else grad.unflatten(0, (-1, ctx.k)).sum(1)), None, None, None
-
-
-def max_violation(counts):
-    """MaxVio = (max_i load_i - mean load) / mean load, per row of (..., n_expert) token counts."""
-    mean = counts.float().mean(-1)
-    return (counts.float().amax(-1) - mean) / mean.clamp(min=1e-9)
-
-
-class MoE(nn.Module):
-    """Dropless top-k MoE. Selection uses scores + expert_bias (loss-free balancing: the bias only picks
-    experts, it never weights them); gates are the chosen unbiased scores renormalised to sum 1.
-    Token slots are sorted by expert and each expert's contiguous run goes through one grouped matmul."""
+    Auxiliary-loss-free balancing (Wang et al. 2024, used by DeepSeek-V3): expert_bias only decides
+    which experts a token goes to, never how much their outputs weigh, so balancing does not bend the
+    gradient the way an auxiliary loss does. DeepSeekLM.update_router_bias moves each bias against its
+    expert's load after every optimizer step, from the counts kept here."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.k, self.n_expert, self.score, self.jitter = (cfg.n_expert_active, cfg.n_expert,
-                                                          cfg.router_score, cfg.router_jitter)
-        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=False)
+        self.k, self.score, self.jitter = cfg.n_expert_active, cfg.router_score, cfg.router_jitter
+        self.weight = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd))
+        self.register_buffer('expert_bias', torch.zeros(cfg.n_expert))    # balancing state, never trained by SGD
+        self.register_buffer('expert_load', torch.full((cfg.n_expert,), 1.0 / cfg.n_expert))   # running load fraction
+        # picks since the last balancing update; an integer, so that counts stay exact in any model dtype
+        self.register_buffer('expert_counts', torch.zeros(cfg.n_expert, dtype=torch.long), persistent=False)
+
+    def forward(self, x):
+        """x (N, D) -> gates (N, k) fp32 summing to 1, chosen experts (N, k), tokens per expert (n_expert,)."""
+        with torch.autocast(x.device.type, enabled=False):   # routing decisions in fp32
+            r_in = x.float()
+            if self.training and self.jitter > 0:   # multiplicative noise on the input: explores other experts
+                r_in = r_in * torch.empty_like(r_in).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            logits = F.linear(r_in, self.weight.float())
+            scores = logits.softmax(-1) if self.score == 'softmax' else logits.sigmoid()
+            expert = torch.topk(scores + self.expert_bias.float(), self.k, dim=-1).indices   # bias picks...
+            gate = scores.gather(1, expert)                                                  # ...never weighs
+            gate = gate / gate.sum(-1, keepdim=True)
+        flat = expert.flatten()
+        counts = torch.zeros_like(self.expert_counts).scatter_add_(0, flat, torch.ones_like(flat))
+        with torch.no_grad():
+            self.expert_counts += counts
+        return gate, expert, counts
+
+
+class MoE(nn.Module):
+    """Dropless top-k mixture of experts, each expert Linear(n_embd, expert_hidden) -> SiLU ->
+    Linear(expert_hidden, n_embd) -> dropout. Training and prefill sort the (token, choice) pairs by
+    expert, so each expert's tokens are one contiguous run, and run all experts as one grouped matmul;
+    decoding a handful of tokens runs just the chosen experts. No step waits for the device."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.k, self.n_expert = cfg.n_expert_active, cfg.n_expert
+        self.router = Router(cfg)
         self.w1 = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd, cfg.expert_hidden))  # expert up: x @ w1[e]
         self.w2 = nn.Parameter(torch.empty(cfg.n_expert, cfg.expert_hidden, cfg.n_embd))  # expert down
         self.dropout = nn.Dropout(cfg.expert_dropout)
@@ -316,88 +305,122 @@ class MoE(nn.Module):
             hidden = cfg.n_shared_expert * cfg.expert_hidden
             self.shared = nn.Sequential(nn.Linear(cfg.n_embd, hidden, bias=False), nn.SiLU(),
                                         nn.Linear(hidden, cfg.n_embd, bias=False), nn.Dropout(cfg.expert_dropout))
-        self.register_buffer('expert_bias', torch.zeros(cfg.n_expert))    # balancing bias, never trained by SGD
-        self.register_buffer('expert_load', torch.full((cfg.n_expert,), 1.0 / cfg.n_expert))  # EMA load fraction
-        self.register_buffer('expert_counts', torch.zeros(cfg.n_expert), persistent=False)   # tokens since update
 
     def forward(self, x):
         B, T, D = x.shape
         x = x.reshape(B * T, D)
-        # router in fp32, with multiplicative jitter on its input while training
-        with torch.autocast(x.device.type, enabled=False):
-            r_in = x.float()
-            if self.training and self.jitter > 0:
-                r_in = r_in * torch.empty_like(r_in).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            logits = F.linear(r_in, self.router.weight.float())
-            scores = logits.softmax(-1) if self.score == 'softmax' else logits.sigmoid()
-            expert = torch.topk(scores + self.expert_bias, self.k, dim=-1).indices        # (N, k)
-            gate = scores.gather(1, expert)
-            gate = gate / gate.sum(-1, keepdim=True)
-        counts = torch.zeros_like(self.expert_counts).scatter_add_(0, expert.flatten(), torch.ones_like(gate).flatten())
-        with torch.no_grad():
-            self.expert_counts += counts
+        gate, expert, counts = self.router(x)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if not self.training and expert.numel() < self.n_expert:
-            out = self.decode_experts(x.to(dtype), expert, dtype)
+            out = self.experts_by_pair(x.to(dtype), expert, dtype)
         else:
-            # dispatch: slots sorted by expert; offs[e] = end of expert e's run (no host sync anywhere)
-            order = expert.flatten().argsort(stable=True)    # slot -> (token, choice) pair
-            inv = order.argsort()                             # pair -> slot
-            offs = counts.cumsum(0).to(torch.int32)
-            h = F.silu(grouped_mm(GatherRows.apply(x.to(dtype), order, inv, self.k), self.w1.to(dtype), offs))
-            out = self.dropout(grouped_mm(h, self.w2.to(dtype), offs))
-            out = GatherRows.apply(out, inv, order, 1)        # back to pair order: (N*k, D)
+            out = self.experts_grouped(x.to(dtype), expert, counts, dtype)
         # combine: each token's k expert outputs weighted by its gates
         y = (out.view(B * T, self.k, D).to(x.dtype) * gate.unsqueeze(-1).to(x.dtype)).sum(1)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(B, T, D)
 
-    def decode_experts(self, x, expert, dtype):
+    def experts_grouped(self, x, expert, counts, dtype):
+        """x (N, D), expert (N, k) -> expert outputs (N*k, D) in (token, choice) pair order."""
+        order = expert.flatten().argsort(stable=True)   # slot -> pair, slots sorted by expert
+        inv = order.argsort()                            # pair -> slot
+        offs = counts.cumsum(0).to(torch.int32)          # offs[e] = end of expert e's run of slots
+        h = F.silu(grouped_mm(GatherRows.apply(x, order, inv, self.k), self.w1.to(dtype), offs))
+        out = self.dropout(grouped_mm(h, self.w2.to(dtype), offs))
+        return GatherRows.apply(out, inv, order, 1)      # back to pair order
+
+    def experts_by_pair(self, x, expert, dtype):
         """Inference on fewer (token, choice) pairs than experts, as when decoding one token: run just the
         chosen experts' weights, pair by pair, instead of a grouped matmul over all of them."""
         rows = [F.silu(x[p // self.k, None] @ self.w1[e].to(dtype)) @ self.w2[e].to(dtype)
                 for p, e in enumerate(expert.flatten().tolist())]   # pair p = (token p // k, its choice)
-        return torch.cat(rows)                                         # (N*k, D) in pair order
+        return torch.cat(rows)
+
+
+def max_violation(counts):
+    """MaxVio = (max_i load_i - mean load) / mean load, per row of (..., n_expert) token counts."""
+    mean = counts.float().mean(-1)
+    return (counts.float().amax(-1) - mean) / mean.clamp(min=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_idx):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.attn = MultiHeadLatentAttention(cfg) if cfg.attention == 'mla' else LatentTokenAttention(cfg)
+        attention = MultiHeadLatentAttention if cfg.attention == 'mla' else LatentTokenAttention
+        self.attn = attention(cfg, layer_idx)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.moe = MoE(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, is_causal, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache, layer)
+    def forward(self, x, cos, sin, attn_mask, is_causal, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache)
         return x + self.moe(self.ffn_norm(x))
 
 
 class KVCache:
-    """Per-layer cached tensors for generation, all laid out (B, slot, ...). Slots hold the layer's
-    n_latent latent keys first, then tokens in order. key_valid marks padding slots (left-padded
-    prompts); n_tokens counts each row's real tokens, which gives the next RoPE position."""
+    """Keys and values of every layer for generation, laid out (B, slot, ...): the layer's n_latent
+    latent slots first, then the tokens in order. It also keeps what attention needs to know about
+    those slots: which ones are padding (left-padded prompts), and how many real tokens each row has,
+    which is the next token's RoPE position."""
 
-    def __init__(self, batch_size, max_slots, n_layer, device):
-        self.max_slots = max_slots
+    def __init__(self, batch_size, n_latent, max_tokens, n_layer, device):
+        self.n_latent, self.max_slots = n_latent, n_latent + max_tokens
         self.buffers = [None] * n_layer
-        self.len = 0
+        self.start = self.len = 0      # this forward's new slots are [start, len)
         self.padded = False
-        self.key_valid = torch.ones(batch_size, max_slots, dtype=torch.bool, device=device)
+        self.key_valid = torch.ones(batch_size, self.max_slots, dtype=torch.bool, device=device)
         self.n_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
 
+    @property
+    def first(self):
+        """True during the forward that fills an empty cache: its latent slots come first."""
+        return self.start == 0
+
+    @property
+    def tokens(self):
+        return max(self.len - self.n_latent, 0)
+
+    def advance(self, real, padded):
+        """Reserve the slots of a forward over real (B, T) (False = padding): the latents first if the cache
+        is empty, then T token slots. Returns the tokens' RoPE positions (B, T)."""
+        T = real.size(1)
+        first_token = self.len + (self.n_latent if self.len == 0 else 0)
+        if first_token + T > self.max_slots:
+            raise ValueError(f"{T} more tokens overflow the cache ({self.tokens} of {self.max_slots - self.n_latent} used)")
+        pos = self.n_tokens[:, None] + real.long().cumsum(1) - 1
+        self.n_tokens += real.sum(1)
+        self.key_valid[:, first_token:first_token + T] = real
+        self.padded = self.padded or padded
+        self.start, self.len = self.len, first_token + T
+        return pos
+
     def update(self, layer, *new):
-        """Write new (B, t, ...) entries after the filled slots; return everything cached so far."""
+        """Write a layer's new entries (B, len - start, ...) into their slots; return all filled slots."""
         if self.buffers[layer] is None:
             self.buffers[layer] = [t.new_empty(t.size(0), self.max_slots, *t.shape[2:]) for t in new]
-        t = new[0].size(1)
         for buf, x in zip(self.buffers[layer], new):
-            buf[:, self.len:self.len + t] = x
-        return [buf[:, :self.len + t] for buf in self.buffers[layer]]
+            buf[:, self.start:self.len] = x
+        return [buf[:, :self.len] for buf in self.buffers[layer]]
 
+
+def attention_layout(key_valid, T, padded, first):
+    """How T new tokens attend to S = key_valid.size(1) key slots (latents, earlier tokens, themselves):
+    the is_causal fast path when nothing is padded and nothing was cached before; no mask for a single
+    decoded token; otherwise an explicit (B, 1, T, S) mask: every valid earlier slot and itself."""
+    if not padded and (first or T == 1):
+        return None, first
+    S = key_valid.size(1)
+    q_slot = S - T + torch.arange(T, device=key_valid.device)
+    k_slot = torch.arange(S, device=key_valid.device)
+    allowed = (k_slot[None, :] <= q_slot[:, None]) & key_valid[:, None, :]   # (B, T, S)
+    allowed |= k_slot[None, :] == q_slot[:, None]   # a padding query sees itself: no all-masked rows
+    return allowed.unsqueeze(1), False
+
+
+# ----------------------------------------------------------------------------------------------
 
 class DeepSeekLM(nn.Module):
 
@@ -405,7 +428,7 @@ class DeepSeekLM(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
@@ -451,63 +474,52 @@ class DeepSeekLM(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------------
 
-    def forward(self, idx, targets=None, attention_mask=None, cache=None):
+    def forward(self, idx, targets=None, attention_mask=None, cache=None, reduction='mean'):
         """idx (B, T) token ids; attention_mask (B, T): 1 for real tokens, 0 for (left) padding.
-        Returns logits (B, T, vocab) and the mean cross-entropy over targets != -1 (or None)."""
+        Without targets: (logits (B, T, vocab), None). With targets (B, T): (None, loss), the cross-entropy
+        over targets != -1, its mean or (reduction='none', no gradient) each token's; the head and the loss
+        run in chunks of rows, so the full logits are never materialised."""
         B, T = idx.shape
-        pos, attn_mask, is_causal = self._attention_layout(B, T, attention_mask, cache, idx.device)
-        cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)   # (B|1, T, 1, D/2)
-        x = self.wte(idx)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, attn_mask, is_causal, cache, i)
-        if cache is not None:
-            cache.len += (self.config.n_latent if cache.len == 0 else 0) + T
-        logits = self.lm_head(self.norm_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
-
-    def _attention_layout(self, B, T, attention_mask, cache, device):
-        """RoPE positions (count from 0 at each row's first real token) and how attention is masked:
-        the is_causal fast path when nothing is padded and no tokens are cached yet; no mask for a
-        single decoded token; otherwise an explicit (B, 1, T, S) boolean mask over the S key slots."""
-        L = self.config.n_latent
-        past = cache.len if cache is not None else 0
-        new_latents = L if past == 0 else 0
-        if T > self.config.block_size or (cache is not None and past + new_latents + T > cache.max_slots):
-            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size} (or the cache)")
-        real = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        pos = real.long().cumsum(1) - 1
-        if cache is not None:
-            pos = pos + cache.n_tokens[:, None]
-            cache.n_tokens += real.sum(1)
-            cache.key_valid[:, past + new_latents:past + new_latents + T] = real
-            cache.padded = cache.padded or attention_mask is not None
-        pos = pos.clamp(min=0)
-        padded = attention_mask is not None or (cache is not None and cache.padded)
-        if not padded and (past == 0 or T == 1):
-            return pos, None, past == 0
-        S = past + new_latents + T
-        if cache is not None:
-            key_valid = cache.key_valid[:, :S]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        real = torch.ones(B, T, dtype=torch.bool, device=idx.device) if attention_mask is None else attention_mask.bool()
+        padded = attention_mask is not None
+        if cache is None:   # RoPE positions count from 0 at each row's first real token
+            pos = real.long().cumsum(1) - 1
+            key_valid = F.pad(real, (self.config.n_latent, 0), value=True) if padded else real
+            attn_mask, is_causal = attention_layout(key_valid, T, padded, first=True)
         else:
-            key_valid = torch.cat([torch.ones(B, L, dtype=torch.bool, device=device), real], 1)
-        q_slot = past + new_latents + torch.arange(T, device=device)
-        k_slot = torch.arange(S, device=device)
-        allowed = (k_slot[None, :] <= q_slot[:, None]) & key_valid[:, None, :]   # (B, T, S)
-        allowed |= k_slot[None, :] == q_slot[:, None]   # a padding query sees itself: no all-masked rows
-        return pos, allowed.unsqueeze(1), False
+            pos = cache.advance(real, padded)
+            attn_mask, is_causal = attention_layout(cache.key_valid[:, :cache.len], T, cache.padded, cache.first)
+        pos = pos.clamp(min=0)
+        cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)   # (B, T, 1, D/2)
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, attn_mask, is_causal, cache)
+        x = self.norm_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        h, t = x.reshape(B * T, -1), targets.reshape(-1)
+        autocast = torch.is_autocast_enabled(h.device.type)
+        dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype   # the head's matmuls
+        with torch.autocast(h.device.type, enabled=False):
+            if reduction == 'none':
+                with torch.no_grad():
+                    return None, linear_cross_entropy_per_token(h.to(dtype), self.lm_head.weight.to(dtype), t)
+            return None, LinearCrossEntropy.apply(h, self.lm_head.weight, t, dtype)
 
     # --- loss-free load balancing -----------------------------------------------------------------
 
+    def routers(self):
+        return [b.moe.router for b in self.blocks]
+
     def expert_counts(self):
         """(n_layer, n_expert) tokens routed to each expert since the last reset."""
-        return torch.stack([b.moe.expert_counts for b in self.blocks])
+        return torch.stack([r.expert_counts for r in self.routers()])
 
     def reset_expert_counts(self):
-        for b in self.blocks:
-            b.moe.expert_counts.zero_()
+        for r in self.routers():
+            r.expert_counts.zero_()
 
     @torch.no_grad()
     def update_router_bias(self, ema=0.99):
@@ -516,51 +528,126 @@ class DeepSeekLM(nn.Module):
         counts = self.expert_counts()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
+        counts = counts.float()
         rate = self.config.balance_rate
-        for layer, b in enumerate(self.blocks):
-            c = counts[layer]
-            b.moe.expert_bias += rate * torch.sign(c.mean() - c)
+        for c, r in zip(counts, self.routers()):
+            r.expert_bias += rate * torch.sign(c.mean() - c)
             if c.sum() > 0:
-                b.moe.expert_load.mul_(ema).add_((1 - ema) * c / c.sum())
+                r.expert_load.mul_(ema).add_((1 - ema) * c / c.sum())
         self.reset_expert_counts()
         # tensors, not lists: converting would wait for the GPU at every step
         return {'max_vio': max_violation(counts), 'load': counts / counts.sum(1, keepdim=True).clamp(min=1)}
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw'):
+        """A list of optimizers. 'adamw': AdamW for everything. 'muon': Muon for the weight matrices inside
+        the blocks (attention projections, experts), AdamW for the rest (embedding and tied head, router,
+        latent tokens, norms). Weight decay applies to matrices only: norms and the latent tokens (learned
+        vectors that play the part of keys, not maps) are left undecayed."""
+        matrices, decay, no_decay = [], [], []
+        for name, p in self.named_parameters():
+            if p.dim() < 2 or 'latent' in name:
+                no_decay.append(p)
+            elif optimizer == 'muon' and name.startswith('blocks.') and 'router' not in name:
+                matrices.append(p)
+            else:
+                decay.append(p)
+        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
+        if optimizer == 'adamw':
+            return [adamw]
+        return [adamw, Muon(matrices, lr=learning_rate, weight_decay=weight_decay)]
+
+    def compile_blocks(self):
+        """torch.compile each block on its own. The blocks share their code, so one compiled graph serves
+        all n_layer of them: compiling takes seconds instead of the minutes of the unrolled whole model."""
+        for block in self.blocks:
+            block.compile(fullgraph=True)
 
     # --- generation -------------------------------------------------------------------------------
 
     def new_cache(self, batch_size):
         c = self.config
-        return KVCache(batch_size, c.n_latent + c.block_size, c.n_layer, self.wte.weight.device)
+        return KVCache(batch_size, c.n_latent, c.block_size, c.n_layer, self.wte.weight.device)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
-                 eos_token_id=None, use_cache=True):
-        """Extend idx (B, T) by up to max_new_tokens. Prompts of different lengths are left-padded with
-        attention_mask 0. With the cache: one prefill, then one token per step; when the window reaches
-        block_size, the cache is refilled from the last block_size tokens (the context is cropped).
-        temperature=0 is greedy. Rows that emitted eos_token_id keep emitting it; stops when all have."""
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
+                        use_cache=True):
+        """Yield the next token of every row, (B,), up to max_new_tokens times. Prompts of different lengths
+        are left-padded with attention_mask 0. With the cache: one prefill, then one token per step; when
+        the window reaches block_size, the cache is refilled from the last block_size tokens (the context
+        is cropped). temperature=0 is greedy."""
         bs = self.config.block_size
         mask = attention_mask
         cache, step_input = None, None
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            if use_cache and cache is not None and cache.len - self.config.n_latent < bs:
+            if use_cache and cache is not None and cache.tokens < bs:
                 logits, _ = self(step_input, cache=cache)
             else:  # prefill (or, without the cache, a full forward) over the last block_size tokens
-                if use_cache:
-                    cache = self.new_cache(idx.size(0))
+                cache = self.new_cache(idx.size(0)) if use_cache else None
                 logits, _ = self(idx[:, -bs:], attention_mask=None if mask is None else mask[:, -bs:], cache=cache)
             nxt = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
+            yield nxt
             idx = torch.cat([idx, nxt[:, None]], dim=1)
             step_input = nxt[:, None]
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, eos_token_id=None, **kw):
+        """idx (B, T) extended by up to max_new_tokens (generate_tokens' keywords). Rows that emitted
+        eos_token_id keep emitting it; generation stops when all have."""
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for nxt in self.generate_tokens(idx, max_new_tokens, **kw):
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
             if eos_token_id is not None and bool(done.all()):
                 break
         return idx
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) for weight matrices, and for stacks of them (the experts' (n_expert, in,
+    out) weights: each expert's matrix on its own). SGD with Nesterov momentum whose update is
+    orthogonalised by five Newton-Schulz steps, so that all directions of a matrix learn at the same
+    rate. The step is scaled to AdamW's update size, 0.2 * sqrt(max(rows, cols)) as in Moonlight (Liu et
+    al. 2025), so one learning rate serves both optimizers. torch.optim.Muon with
+    adjust_lr_fn='match_rms_adamw' is the same rule for 2-D weights only."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - group['momentum'])
+                update = orthogonalize(p.grad.lerp(buf, group['momentum']), group['ns_steps'])
+                p.mul_(1 - group['lr'] * group['weight_decay'])
+                p.add_(update, alpha=-group['lr'] * 0.2 * max(p.shape[-2:]) ** 0.5)
+
+
+def orthogonalize(g, steps, eps=1e-7):
+    """The matrices of g (..., rows, cols) pushed towards the nearest semi-orthogonal ones (singular values
+    near 1) by a quintic Newton-Schulz iteration in bf16, with Muon's coefficients."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16().reshape(-1, *g.shape[-2:])
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)   # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if tall:
+        x = x.mT
+    return x.reshape(g.shape)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
@@ -577,3 +664,129 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
         drop = probs.cumsum(-1) - probs > top_p   # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, sorted_idx, sorted_logits.masked_fill(drop, float('-inf')))
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels the MoE runs on
+
+@torch.library.custom_op("deepseek_nano::grouped_mm", mutates_args=())
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """(N, K) @ (G, K, M) -> (N, M) with rows split into G groups at offs (offs[g] = end of group g);
+    or (K, N) @ (N, M) -> (G, K, M), the weight gradient. An opaque op to torch.compile, whose own shape
+    function for F.grouped_mm accepts only bf16. F.grouped_mm where its kernel exists (CPU; CUDA with
+    bf16 on compute capability 8.0+), else one matmul per group (fp16 GPUs such as the T4 and V100,
+    float64 anywhere)."""
+    if has_grouped_mm_kernel(a):
+        return F.grouped_mm(a, b, offs=offs)
+    return grouped_mm_loop(a, b, offs)
+
+
+def has_grouped_mm_kernel(a):
+    if a.device.type == 'cpu':
+        return a.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return a.device.type == 'cuda' and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+
+
+def grouped_mm_loop(a, b, offs):
+    """grouped_mm by plain matmuls, one per group: the fallback, and a reference for the kernel."""
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    if b.dim() == 3:
+        out = a.new_zeros(a.size(0), b.size(2))
+        for g, (s, e) in enumerate(zip(starts, ends)):
+            out[s:e] = a[s:e] @ b[g]
+        return out
+    return torch.stack([a[:, s:e] @ b[s:e] for s, e in zip(starts, ends)])
+
+
+@grouped_mm.register_fake
+def _(a, b, offs):
+    if b.dim() == 3:
+        return a.new_empty(a.size(0), b.size(2))
+    return a.new_empty(offs.size(0), a.size(0), b.size(1))
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # the kernel rejects stride-0 gradients (e.g. from y.sum())
+    return grouped_mm(grad, b.transpose(1, 2), offs), grouped_mm(a.t(), grad, offs), None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def chunk_rows(h, w):
+    """Rows of the head's output per chunk: on a CPU few enough that a chunk's logits stay in cache; on a
+    GPU many, since big matmuls run best there and chunking only bounds memory."""
+    return max(1, (2**21 if h.device.type == 'cpu' else 2**26) // w.size(0))
+
+
+def linear_cross_entropy_per_token(h, w, targets):
+    """cross_entropy(h @ w.T, targets, reduction='none') chunk by chunk; 0 where targets == -1."""
+    out = []
+    for hc, tc in zip(h.split(chunk_rows(h, w)), targets.split(chunk_rows(h, w))):
+        logits = (hc @ w.t()).float()
+        out.append(F.cross_entropy(logits, tc, ignore_index=-1, reduction='none'))
+    return torch.cat(out)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross_entropy(h @ w.T, targets) over targets != -1, without the (N, vocab) logits: rows go
+    through in chunks, and each chunk's gradients (softmax - one-hot, times w and times h) are computed
+    right away, in the forward pass, while its logits are at hand; backward only scales them. The
+    matmuls run in `dtype` (autocast's); logits, softmax and the weight's gradient stay in fp32."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, dtype):
+        valid = targets != -1
+        n = valid.sum().clamp(min=1)
+        need_grad = any(ctx.needs_input_grad[:2])
+        hd, wd = h.to(dtype), w.to(dtype)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows = chunk_rows(h, w)
+        for start in range(0, h.size(0), rows):
+            hc, tc, vc = hd[start:start + rows], targets[start:start + rows], valid[start:start + rows]
+            logits = (hc @ wd.t()).float()
+            lse = logits.logsumexp(-1)
+            tc = tc.clamp(min=0)
+            loss += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
+            if need_grad:
+                p = logits.sub_(lse[:, None]).exp_()                  # softmax, in place of the logits
+                p[torch.arange(len(tc), device=p.device), tc] -= 1   # minus the one-hot target
+                p *= vc[:, None]
+                p = p.to(dtype)
+                grad_h[start:start + rows] = p @ wd
+                grad_w += (p.t() @ hc).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h / n, grad_w.to(w.dtype) / n)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad, grad_w * grad, None, None
+
+
+class GatherRows(torch.autograd.Function):
+    """rows[s] = x[perm[s] // k] for a permutation `perm` of the N*k (token, choice) pairs, inv = its inverse.
+    Autograd's own backward for x[idx] scatter-adds (slow on CPU, nondeterministic on CUDA); knowing the
+    permutation, the backward is a gather instead: grad_x[t] = sum_j grad[inv[t*k + j]]."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv, k):
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, perm // k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv, = ctx.saved_tensors
+        grad = grad.index_select(0, inv)
+        return (grad if ctx.k == 1 else grad.unflatten(0, (-1, ctx.k)).sum(1)), None, None, None

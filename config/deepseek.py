@@ -1,9 +1,10 @@
-# The seed's full-size model (679.8M parameters, 226.8M active per token) on the offline Shakespeare data.
+# The reference configuration of the architecture card: 679.8M parameters, 226.8M active per token,
+# on the offline Shakespeare data.
 #   python prepare.py config/deepseek.py && python train.py config/deepseek.py
 # Architecture: every ModelConfig default (49,152 vocab, 768 wide, 24 blocks, 12 q / 4 kv heads of 64,
-# 8 latent tokens, 8 experts top-2 of 768 -> 2048 -> 768) is the seed's, so nothing is set here.
+# 8 latent tokens, 8 experts top-2 of 768 -> 2048 -> 768) is the card's, so nothing is set here.
 #
-# Sized for 10,000 steps in about 10 minutes on one H100/H200 (bf16, torch.compile, fused AdamW):
+# Sized for 10,000 steps in minutes on one H100/H200 (bf16, torch.compile, fused AdamW):
 #   FLOPs per token = 6 * 226.8M active params + causal attention (24 layers, 12 heads, 128 q.k+p.v width,
 #   8 + 512.5 keys on average) = 1.361 + 0.108 = 1.469 GFLOP
 #   tokens per step = 8 x 1024 = 8,192  ->  12.0 TFLOP per step, 1.20e17 FLOP for 10,000 steps

@@ -1,4 +1,4 @@
-# The seed's architecture family scaled for a 2-core CPU: same blocks (latent-token GQA with RoPE, 8 experts
+# The architecture card's model family scaled for a 2-core CPU: same blocks (latent-token GQA with RoPE, 8 experts
 # top-2 with loss-free balancing, tied head), smaller everywhere, and its own 8,192-token BPE.
 #   python prepare.py config/deepseek_mini.py && python train.py config/deepseek_mini.py
 out_dir = 'out-mini'

@@ -33,7 +33,7 @@ def test_mini_config_prepare_train_sample(tmp_path):
 
 @pytest.mark.parametrize('config', ['config/deepseek.py', 'config/deepseek_mla.py'])
 def test_full_size_configs_run_on_cpu_with_small_overrides(tmp_path, config):
-    """The seed's vocabulary, width, heads and experts, with 2 of the 24 layers and tiny batches."""
+    """The reference vocabulary, width, heads and experts, with 2 of the 24 layers and tiny batches."""
     data, out = str(tmp_path / 'data'), str(tmp_path / 'out')
     run('prepare.py', config, f'--data_dir={data}')
     p = run('train.py', config, f'--data_dir={data}', f'--out_dir={out}', '--device=cpu', '--n_layer=2',

@@ -18,7 +18,7 @@ ATOL = 1e-5
 TINY = dict(vocab_size=256, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, n_latent=4, n_expert=4,
             n_expert_active=2, expert_hidden=64, block_size=32, expert_dropout=0.0, router_jitter=0.0)
 
-# attention variants: the seed's latent-token GQA, and MLA with / without latents and a low-rank query
+# attention variants: the card's latent-token GQA, and MLA with / without latents and a low-rank query
 VARIANTS = {
     'latent': dict(attention='latent'),
     'latent-nolat': dict(attention='latent', n_latent=0),
@@ -160,12 +160,12 @@ def moe_ref(moe, x, router_input=None):
     scores renormalised, expert e = silu(x @ w1[e]) @ w2[e]. x (N, D) -> y (N, D), counts (n_expert,)."""
     r_in = x if router_input is None else router_input
     logits = r_in.float() @ moe.router.weight.float().T
-    scores = torch.softmax(logits, -1) if moe.score == 'softmax' else torch.sigmoid(logits)
+    scores = torch.softmax(logits, -1) if moe.router.score == 'softmax' else torch.sigmoid(logits)
     E = scores.size(1)
     counts = torch.zeros(E)
     ys = []
     for n in range(x.size(0)):
-        chosen = sorted(range(E), key=lambda e: -(scores[n, e] + moe.expert_bias[e]).item())[:moe.k]
+        chosen = sorted(range(E), key=lambda e: -(scores[n, e] + moe.router.expert_bias[e]).item())[:moe.k]
         total = sum(scores[n, e] for e in chosen)
         y = torch.zeros_like(x[n])
         for e in chosen:
@@ -188,9 +188,9 @@ def greedy_ref(model, idx, n):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. sizes of the seed
+# 1. the reference configuration: the architecture card's values and sizes
 
-def seed_params(c, mla=False):
+def card_params(c, mla=False):
     """Parameter count from the architecture card (tied embedding counted once), all and active."""
     d, H = c.n_embd, c.n_head
     if mla:
@@ -208,9 +208,15 @@ def seed_params(c, mla=False):
     return total, active
 
 
-def test_seed_sizes_on_meta():
+def test_reference_config_is_the_card():
+    c = ModelConfig()
+    assert (c.vocab_size, c.n_embd, c.n_layer, c.n_head, c.n_kv_head, c.head_dim, c.n_latent) == \
+        (49152, 768, 24, 12, 4, 64, 8)
+    assert (c.rope_theta, c.n_expert, c.n_expert_active, c.expert_hidden, c.expert_dropout, c.norm_eps) == \
+        (10000.0, 8, 2, 2048, 0.05, 1e-5)
+    assert c.attention == 'latent' and c.router_jitter > 0 and c.balance_rate > 0 and c.n_shared_expert == 0
     with torch.device('meta'):
-        m = DeepSeekLM(ModelConfig())
+        m = DeepSeekLM(c)
     assert m.num_params() == 679_809_792
     assert m.num_params(active=True) == 226_824_960
     assert m.kv_cache_numel_per_token() == 12_288
@@ -220,7 +226,7 @@ def test_seed_sizes_on_meta():
     per_layer = 768 * 768 + 2 * 768 * 256 + 768 * 768 + 8 * 768 + 2 * 768 + 768 * 8 + 8 * 768 * 2048 * 2
     assert m.num_params() == 49152 * 768 + 24 * per_layer + 768
     assert m.num_params(active=True) == 49152 * 768 + 24 * (per_layer - 6 * 768 * 2048 * 2) + 768
-    assert seed_params(c) == (m.num_params(), m.num_params(active=True))
+    assert card_params(c) == (m.num_params(), m.num_params(active=True))
     assert m.kv_cache_numel_per_token() == 24 * 2 * 4 * 64   # K and V, 4 kv heads of 64, per layer
 
 
@@ -401,14 +407,30 @@ def test_left_padding_matches_unpadded(variant):
     assert torch.isfinite(logits).all()
 
 
-def test_loss_ignores_minus_one():
+def test_chunked_loss_equals_cross_entropy_of_the_logits(monkeypatch):
+    """The fused head + loss (rows in chunks, gradients computed in the forward pass) against the plain
+    cross-entropy of the full logits: loss, per-token losses and gradients, with ignored targets (-1)."""
+    import model as model_module
+    monkeypatch.setattr(model_module, 'chunk_rows', lambda h, w: 5)   # several chunks, the last one short
     m = make_model()
+    m.train()
     idx, tgt = tokens((2, 8), 6), tokens((2, 8), 7)
     tgt[0, :3] = -1
-    logits, loss = m(idx, tgt)
+    torch.manual_seed(0)
+    logits, _ = m(idx)
     logp = logits.log_softmax(-1)
     picked = [-logp[b, t, tgt[b, t]] for b in range(2) for t in range(8) if tgt[b, t] != -1]
-    torch.testing.assert_close(loss, torch.stack(picked).mean(), atol=ATOL, rtol=ATOL)
+    ref = torch.stack(picked).mean()
+    grads_ref = torch.autograd.grad(ref, list(m.parameters()))
+    torch.manual_seed(0)
+    _, loss = m(idx, tgt)
+    torch.testing.assert_close(loss, ref, atol=ATOL, rtol=ATOL)
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    for (name, _), g, g_ref in zip(m.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=ATOL, rtol=1e-4, msg=name)
+    _, per_token = m(idx, tgt, reduction='none')
+    want = F.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1), ignore_index=-1, reduction='none')
+    torch.testing.assert_close(per_token, want, atol=ATOL, rtol=ATOL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +460,7 @@ def test_moe_matches_naive_loop_with_grads(score, k, shared, rig):
     torch.manual_seed(1)
     x = torch.randn(2, 12, 64)
     if rig == 'bias':
-        moe.expert_bias[2] = 1e3
+        moe.router.expert_bias[2] = 1e3
     elif rig == 'router':
         x = x.abs()
         with torch.no_grad():
@@ -451,7 +473,7 @@ def test_moe_matches_naive_loop_with_grads(score, k, shared, rig):
     y_ref, counts = moe_ref(moe, x.view(-1, 64))
     grads_ref = torch.autograd.grad((y_ref.view_as(w) * w).sum(), params, allow_unused=True)
     torch.testing.assert_close(y, y_ref.view_as(y), atol=ATOL, rtol=ATOL)
-    assert torch.equal(moe.expert_counts, counts)
+    assert torch.equal(moe.router.expert_counts.float(), counts)
     assert counts.sum() == 24 * k
     for name, g, g_ref in zip(['x', 'w1', 'w2', 'router'], grads, grads_ref):
         g = torch.zeros_like(params[0] if name == 'x' else g_ref) if g is None else g
@@ -474,7 +496,7 @@ def test_moe_decode_path_matches_naive_loop(k, T, shared):
     y = moe(x)
     y_ref, counts = moe_ref(moe, x.view(-1, 64))
     torch.testing.assert_close(y, y_ref.view_as(y), atol=ATOL, rtol=ATOL)
-    assert torch.equal(moe.expert_counts, counts)
+    assert torch.equal(moe.router.expert_counts.float(), counts)
 
 
 def test_shared_expert_is_always_on_and_counted():
@@ -491,7 +513,55 @@ def test_shared_expert_is_always_on_and_counted():
         a, b = DeepSeekLM(tiny_cfg()), DeepSeekLM(tiny_cfg(n_shared_expert=extra))
         assert b.num_params() - a.num_params() == 2 * extra * 2 * 64 * 64
         assert b.num_params(active=True) - a.num_params(active=True) == 2 * extra * 2 * 64 * 64
-        assert seed_params(b.config) == (b.num_params(), b.num_params(active=True))
+        assert card_params(b.config) == (b.num_params(), b.num_params(active=True))
+
+
+def test_expert_dropout_only_in_training_on_expert_outputs():
+    """Every token routed to one expert with gate 1 (k=1, rigged bias): in training, y = dropout(expert(x)),
+    so about p of its elements are exactly 0 and the rest are expert(x) / (1 - p); in eval y = expert(x)."""
+    p = 0.25
+    moe = make_moe(n_expert_active=1, expert_dropout=p)
+    moe.router.expert_bias[1] = 1e3
+    torch.manual_seed(8)
+    x = torch.randn(1, 64, 64)
+    full = F.silu(x[0] @ moe.w1[1]) @ moe.w2[1]
+    torch.testing.assert_close(moe(x)[0], full, atol=ATOL, rtol=ATOL)
+    moe.train()
+    y = moe(x)[0]
+    dropped = y == 0
+    assert 0.15 < dropped.float().mean().item() < 0.35
+    torch.testing.assert_close(y[~dropped], full[~dropped] / (1 - p), atol=ATOL, rtol=ATOL)
+    assert not (moe(x)[0] == 0).equal(dropped)   # a fresh mask each step
+    moe_plain = make_moe(n_expert_active=1, expert_dropout=0.0).train()
+    moe_plain.router.expert_bias[1] = 1e3
+    assert not (moe_plain(x) == 0).any()
+
+
+def test_grouped_mm_fallback_loop_equals_kernel():
+    """GPUs without the grouped-matmul kernel (fp16, compute capability < 8.0) take one matmul per group;
+    on the CPU both exist, so the loop is checked against the kernel in both forms and through the MoE."""
+    from model import grouped_mm_loop
+    import model as model_module
+    torch.manual_seed(9)
+    a, b = torch.randn(10, 8), torch.randn(3, 8, 16)
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)           # an empty group in the middle
+    torch.testing.assert_close(grouped_mm_loop(a, b, offs), F.grouped_mm(a, b, offs=offs), atol=ATOL, rtol=ATOL)
+    g = torch.randn(10, 16)
+    torch.testing.assert_close(grouped_mm_loop(a.t(), g, offs), F.grouped_mm(a.t(), g, offs=offs), atol=ATOL, rtol=ATOL)
+    moe = make_moe()
+    x = torch.randn(2, 12, 64, requires_grad=True)
+    y = moe(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, moe.w1, moe.w2])
+    real = model_module.has_grouped_mm_kernel
+    model_module.has_grouped_mm_kernel = lambda a: False
+    try:
+        y2 = moe(x)
+        grads2 = torch.autograd.grad(y2.square().sum(), [x, moe.w1, moe.w2])
+    finally:
+        model_module.has_grouped_mm_kernel = real
+    torch.testing.assert_close(y2, y, atol=ATOL, rtol=ATOL)
+    for g1, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g2, g1, atol=ATOL, rtol=ATOL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,9 +571,9 @@ def test_bias_changes_selection_not_gates():
     moe = make_moe()
     torch.manual_seed(2)
     x = torch.randn(1, 16, 64)
-    moe.expert_bias.copy_(torch.tensor([0.0, 0.0, 50.0, 50.0]))
+    moe.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 50.0, 50.0]))
     y = moe(x)[0]
-    assert moe.expert_counts.tolist() == [0, 0, 16, 16]
+    assert moe.router.expert_counts.tolist() == [0, 0, 16, 16]
     s = torch.softmax(x[0] @ moe.router.weight.T, -1)
     expert = lambda e: F.silu(x[0] @ moe.w1[e]) @ moe.w2[e]   # noqa: E731
     g2, g3 = s[:, 2:3] / (s[:, 2:3] + s[:, 3:4]), s[:, 3:4] / (s[:, 2:3] + s[:, 3:4])
@@ -511,38 +581,39 @@ def test_bias_changes_selection_not_gates():
     # the test can tell: gates taken from the biased scores would be ~1/2 each
     assert (y - 0.5 * expert(2) - 0.5 * expert(3)).abs().amax() > 1e-3
     # a modest bias flips only some choices; gates still follow the unbiased scores (the naive loop)
-    moe.expert_counts.zero_()
-    moe.expert_bias.copy_(torch.tensor([0.0, 0.1, -0.1, 0.05]))
+    moe.router.expert_counts.zero_()
+    moe.router.expert_bias.copy_(torch.tensor([0.0, 0.1, -0.1, 0.05]))
     torch.testing.assert_close(moe(x)[0], moe_ref(moe, x[0])[0], atol=ATOL, rtol=ATOL)
 
 
 def test_update_router_bias_counts_maxvio_and_load():
     m = make_model(balance_rate=0.01)
     rate = 0.01
-    m.blocks[0].moe.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
-    before = [b.moe.expert_bias.clone() for b in m.blocks]
+    m.blocks[0].moe.router.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    before = [b.moe.router.expert_bias.clone() for b in m.blocks]
     counts = torch.tensor([[8.0, 0.0, 4.0, 4.0], [2.0, 2.0, 2.0, 10.0]])   # means 4 and 4
     for b, c in zip(m.blocks, counts):
-        b.moe.expert_counts.copy_(c)
-    torch.testing.assert_close(m.expert_counts(), counts)
+        b.moe.router.expert_counts.copy_(c)
+    torch.testing.assert_close(m.expert_counts().float(), counts)
     out = m.update_router_bias(ema=0.9)
     # overloaded falls, idle rises, by exactly balance_rate; at the mean: unchanged
-    assert torch.equal(m.blocks[0].moe.expert_bias, before[0] + rate * torch.tensor([-1.0, 1.0, 0.0, 0.0]))
-    assert torch.equal(m.blocks[1].moe.expert_bias, before[1] + rate * torch.tensor([1.0, 1.0, 1.0, -1.0]))
+    assert torch.equal(m.blocks[0].moe.router.expert_bias, before[0] + rate * torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+    assert torch.equal(m.blocks[1].moe.router.expert_bias, before[1] + rate * torch.tensor([1.0, 1.0, 1.0, -1.0]))
     assert m.expert_counts().abs().sum() == 0
     torch.testing.assert_close(out['max_vio'], torch.tensor([(8 - 4) / 4, (10 - 4) / 4]))
     torch.testing.assert_close(out['load'], counts / 16)
     for b, c in zip(m.blocks, counts):
-        torch.testing.assert_close(b.moe.expert_load, 0.9 * 0.25 + 0.1 * c / c.sum())
+        torch.testing.assert_close(b.moe.router.expert_load, 0.9 * 0.25 + 0.1 * c / c.sum())
     # a real forward: every token counted k times per layer, then a bias step toward balance
     idx = tokens((2, 10), 8)
     m(idx)
     c = m.expert_counts()
-    assert c.sum(1).tolist() == [40.0, 40.0]
-    before = [b.moe.expert_bias.clone() for b in m.blocks]
+    assert c.sum(1).tolist() == [40, 40]
+    c = c.float()
+    before = [b.moe.router.expert_bias.clone() for b in m.blocks]
     out = m.update_router_bias()
     for layer, b in enumerate(m.blocks):
-        torch.testing.assert_close(b.moe.expert_bias - before[layer], rate * torch.sign(c[layer].mean() - c[layer]))
+        torch.testing.assert_close(b.moe.router.expert_bias - before[layer], rate * torch.sign(c[layer].mean() - c[layer]))
         mean = c[layer].mean()
         assert out['max_vio'][layer].item() == pytest.approx(((c[layer].max() - mean) / mean).item())
 
@@ -553,25 +624,25 @@ def test_balancing_buffers_are_state_not_parameters():
     sd = m.state_dict()
     for i in range(m.config.n_layer):
         for buf in ('expert_bias', 'expert_load'):
-            key = f'blocks.{i}.moe.{buf}'
+            key = f'blocks.{i}.moe.router.{buf}'
             assert key in sd and key not in names
-        assert f'blocks.{i}.moe.expert_counts' not in sd
+        assert f'blocks.{i}.moe.router.expert_counts' not in sd
         with torch.no_grad():
-            m.blocks[i].moe.expert_bias.copy_(torch.randn(4) * 0.1)
-            m.blocks[i].moe.expert_load.copy_(torch.rand(4))
+            m.blocks[i].moe.router.expert_bias.copy_(torch.randn(4) * 0.1)
+            m.blocks[i].moe.router.expert_load.copy_(torch.rand(4))
     buf = io.BytesIO()
     torch.save(m.state_dict(), buf)
     buf.seek(0)
     fresh = DeepSeekLM(m.config).eval()
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     for a, b in zip(m.blocks, fresh.blocks):
-        assert torch.equal(a.moe.expert_bias, b.moe.expert_bias)
-        assert torch.equal(a.moe.expert_load, b.moe.expert_load)
+        assert torch.equal(a.moe.router.expert_bias, b.moe.router.expert_bias)
+        assert torch.equal(a.moe.router.expert_load, b.moe.router.expert_load)
     idx = tokens((2, 10), 9)
     torch.testing.assert_close(fresh(idx)[0], m(idx)[0], atol=0, rtol=0)
     _, loss = m(idx, idx)
     loss.backward()
-    assert all(b.moe.expert_bias.grad is None for b in m.blocks)
+    assert all(b.moe.router.expert_bias.grad is None for b in m.blocks)
 
 
 def test_router_jitter_only_in_training_and_only_on_router_input():
@@ -589,7 +660,7 @@ def test_router_jitter_only_in_training_and_only_on_router_input():
     torch.testing.assert_close(y1[0], moe_ref(moe, x[0], router_input=x[0] * noise)[0], atol=ATOL, rtol=ATOL)
     assert (moe(x) - y1).abs().amax() > 1e-4           # a fresh draw each step
     assert (y1 - y_eval).abs().amax() > 1e-4
-    moe.jitter = 0.0
+    moe.router.jitter = 0.0
     torch.testing.assert_close(moe(x), y_eval, atol=ATOL, rtol=ATOL)
 
 
@@ -626,10 +697,8 @@ def test_cached_decode_logits_equal_full_forward(variant):
 
 @variants
 def test_cache_multi_token_chunk_is_causal(variant):
-    """BUG in model.py (DeepSeekLM._attention_layout): feeding T > 1 tokens to a non-empty cache without an
-    attention_mask returns (pos, None, False), so the new tokens attend to each other with no causal mask
-    (each sees the later tokens of its own chunk). With an attention_mask the explicit mask is built and it
-    is right. generate() only decodes one token at a time, so it is not affected."""
+    """Several tokens fed at once to a filled cache (a prompt continued in chunks) attend causally among
+    themselves: their logits equal the full forward's."""
     m = make_model(variant)
     idx = tokens((2, 10), 12)
     full, _ = m(idx)
@@ -743,7 +812,7 @@ def test_mla_sizes_on_meta(q_lora_rank):
     per_layer = attn + 2 * d + d * 8
     assert m.num_params() == 49152 * d + 24 * (per_layer + 8 * expert) + d
     assert m.num_params(active=True) == 49152 * d + 24 * (per_layer + 2 * expert) + d
-    assert seed_params(c, mla=True) == (m.num_params(), m.num_params(active=True))
+    assert card_params(c, mla=True) == (m.num_params(), m.num_params(active=True))
     assert m.kv_cache_numel_per_token() == c.n_layer * (c.kv_lora_rank + c.qk_rope_head_dim) == 24 * 160
 
 
@@ -773,6 +842,22 @@ def test_compile_fullgraph_forward_backward_matches_eager():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float64])
+def test_model_cast_to_another_dtype_trains_and_generates(dtype):
+    """model.to(dtype): the balancing counts stay exact integers, forward, backward and generation run."""
+    m = make_model('latent').to(dtype)
+    m.train()
+    idx, tgt = tokens((2, 16), 23), tokens((2, 16), 24)
+    _, loss = m(idx, tgt)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert m.expert_counts().dtype == torch.long and m.expert_counts().sum(1).tolist() == [64, 64]
+    m.update_router_bias()
+    m.eval()
+    out = m.generate(idx[:, :4], 5, temperature=0)
+    assert out.shape == (2, 9)
+
+
 @pytest.mark.parametrize('variant', ['latent', 'mla'])
 def test_bf16_autocast_forward_backward(variant):
     m = make_model(variant)
@@ -789,13 +874,57 @@ def test_bf16_autocast_forward_backward(variant):
 
 
 # ----------------------------------------------------------------------------------------------
-# 13. FLOPs
+# 13. Muon
+
+def test_muon_matches_torch_muon_on_matrices_and_runs_each_expert_on_its_own():
+    from model import Muon, orthogonalize
+    torch.manual_seed(10)
+    g = torch.randn(3, 16, 40)
+    o = orthogonalize(g, 5)
+    for e in range(3):   # a stack is each matrix on its own
+        torch.testing.assert_close(o[e], orthogonalize(g[e], 5), atol=0, rtol=0)
+    s = torch.linalg.svdvals(o.float())
+    assert 0.5 < s.min() and s.max() < 1.5   # the iteration's band of singular values, not 0 or 1 exactly
+    # two steps of ours against torch.optim.Muon with the same update-size rule
+    w2d, w3d = torch.randn(24, 10), torch.randn(2, 24, 10)
+    ours = [w2d.clone().requires_grad_(), w3d.clone().requires_grad_()]
+    ref = [w2d.clone().requires_grad_()] + [w3d[e].clone().requires_grad_() for e in range(2)]
+    opt = Muon(ours, lr=0.01, weight_decay=0.1)
+    opt_ref = torch.optim.Muon(ref, lr=0.01, weight_decay=0.1, adjust_lr_fn='match_rms_adamw')
+    for step in range(2):
+        grads = [torch.randn(24, 10), torch.randn(2, 24, 10)]
+        ours[0].grad, ours[1].grad = grads
+        ref[0].grad, ref[1].grad, ref[2].grad = grads[0], grads[1][0], grads[1][1]
+        opt.step()
+        opt_ref.step()
+    torch.testing.assert_close(ours[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1], torch.stack(ref[1:]), atol=2e-3, rtol=2e-3)   # bf16 batched vs single
+    assert (ours[0] - w2d).abs().max() > 1e-3
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    m = make_model('latent', n_shared_expert=1)
+    adamw, muon = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer='muon')
+    names = {id(p): n for n, p in m.named_parameters()}
+    on_muon = {names[id(p)] for g in muon.param_groups for p in g['params']}
+    assert on_muon == {n for n, p in m.named_parameters()
+                       if n.startswith('blocks.') and p.dim() >= 2 and 'router' not in n and 'latent' not in n}
+    assert 'blocks.0.moe.w1' in on_muon and 'blocks.0.attn.wq.weight' in on_muon
+    on_adamw = {names[id(p)] for g in adamw.param_groups for p in g['params']}
+    assert on_adamw == set(names.values()) - on_muon and 'wte.weight' in on_adamw
+    decayed = {names[id(p)] for p in adamw.param_groups[0]['params']}
+    assert decayed == {'wte.weight', 'blocks.0.moe.router.weight', 'blocks.1.moe.router.weight'}
+    assert len(m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. FLOPs
 
 @pytest.mark.parametrize('variant', ['latent', 'mla'])
 def test_flops_per_token(variant):
     m = DeepSeekLM(tiny_cfg(**VARIANTS[variant]))
     c = m.config
-    total, active = seed_params(c, mla=variant == 'mla')
+    total, active = card_params(c, mla=variant == 'mla')
     assert (m.num_params(), m.num_params(active=True)) == (total, active)
     T = 32
     if variant == 'mla':   # q.k over nope + rope = 24, p.v over v = 16

