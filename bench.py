@@ -13,6 +13,8 @@ holds on a shared, noisy machine where absolute times would not. Rows (JSON keys
     train_vs_mm            compiled train step (forward, backward, grad clip, AdamW, router-bias update)
                            of config/deepseek_mini.py in model FLOP/s, over the FLOP/s of a plain
                            torch.mm of the same dtype                                          [>= 0.70]
+    step_vs_gemm_floor     the eager train step of config/deepseek_mini.py over its own matrix
+                           multiplications (same ops, shapes, dtypes) timed alone             [>= 0.80]
     moe_vs_dense           the MoE layer at the reference sizes (768 -> 2048, 8 experts top-2; router,
                            dispatch, experts, combine; forward + backward) over a dense FFN doing the
                            same useful FLOPs on N*k tokens                                     [>= 0.90]
@@ -49,7 +51,7 @@ from model import DeepSeekLM, LatentTokenAttention, ModelConfig, MoE, apply_rope
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL_KEYS = [f.name for f in dataclasses.fields(ModelConfig)]
 
-GOALS = {'train_vs_mm': 0.70, 'moe_vs_dense': 0.90, 'latent_attn_vs_causal': 0.95, 'cache_speedup': 10.0,
+GOALS = {'train_vs_mm': 0.70, 'step_vs_gemm_floor': 0.80, 'moe_vs_dense': 0.90, 'latent_attn_vs_causal': 0.95, 'cache_speedup': 10.0,
          'vs_transformers': 1.3, 'vs_deepseek_v3': 1.3}
 
 
@@ -180,6 +182,55 @@ def row_train_vs_mm(args, device, out):
         out[key], step_flops, mm_flops = vs_mm(*our_train_step(cfg, device, compiled), device, args)
         out[key + '_gflops'] = step_flops / 1e9   # context, not a ratio: it moves with the machine's load
         out['mm_gflops'] = mm_flops / 1e9
+
+
+GEMMS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::_grouped_mm')
+
+
+def gemm_floor(step, device):
+    """A function that runs, alone and back to back, the matrix multiplications one call of step() makes:
+    the same ops at the same shapes on fresh random data (grouped matmuls with even groups).
+    Recorded by torch's profiler; a GEMM inside another (a grouped matmul's own) counts once."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    calls = []
+    for e in prof.events():
+        parent, nested = e.cpu_parent, False
+        while parent is not None and not nested:
+            nested, parent = parent.name in GEMMS, parent.cpu_parent
+        if e.name in GEMMS and not nested:
+            calls.append((e.name, [s for s in e.input_shapes if s]))
+    dtype, _ = autocast_for(device)   # every matmul of the step runs in the autocast dtype
+    work = []
+    for name, shapes in calls:
+        if name == 'aten::_grouped_mm':
+            a, b = (torch.randn(s, device=device, dtype=dtype) for s in shapes[:2])
+            groups = shapes[2][0]
+            rows = a.size(0) if b.dim() == 3 else a.size(1)
+            offs = torch.linspace(rows / groups, rows, groups, device=device).round().to(torch.int32)
+            work.append(lambda a=a, b=b, offs=offs: torch._grouped_mm(a, b, offs=offs))
+        else:
+            ts = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+            op = getattr(torch, name.split('::')[1])
+            work.append(lambda op=op, ts=ts: op(*ts))
+
+    def run():
+        for w in work:
+            w()
+    return run, len(calls)
+
+
+def row_step_vs_gemm_floor(args, device, out):
+    """The eager train step of config/deepseek_mini.py over its own matrix multiplications timed alone:
+    1.0 would mean everything else (attention, norms, routing, the optimizer, Python) is free. The
+    big-matmul ratio (train_vs_mm) says little at 128 wide, where every matmul is thin."""
+    cfg = load_config('deepseek_mini.py', **args.mini)
+    step, _ = our_train_step(cfg, device, compiled=False)
+    step()
+    floor, n = gemm_floor(step, device)
+    t_floor, t_step = timeit_pair(floor, step, device, args.repeats)
+    out['step_vs_gemm_floor'], out['step_gemm_calls'] = t_floor / t_step, n
 
 
 def row_moe_vs_dense(args, device, out):
@@ -406,7 +457,7 @@ def row_compile_time(args, device, out):
     out['compile_speedup'] = seconds['whole'] / seconds['blocks']
 
 
-ROWS = [row_train_vs_mm, row_moe_vs_dense, row_latent_attn_vs_causal, row_cache_speedup, row_mla_decode_vs_latent,
+ROWS = [row_train_vs_mm, row_step_vs_gemm_floor, row_moe_vs_dense, row_latent_attn_vs_causal, row_cache_speedup, row_mla_decode_vs_latent,
         row_vs_transformers, row_mfu, row_compile_time]
 
 
@@ -470,7 +521,7 @@ def main(argv):
 
 
 INFO_KEYS = ('device', 'torch', 'quick', 'load_avg')
-UNITS = {'_gflops': 'GFLOP/s', '_tok_s': 'tokens/s', '_s': 'seconds'}
+UNITS = {'_gflops': 'GFLOP/s', '_tok_s': 'tokens/s', '_s': 'seconds', '_calls': 'matmuls per step'}
 
 
 def print_table(out):
