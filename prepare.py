@@ -36,7 +36,6 @@ from common import EOT, UserError
 
 DEFAULTS = dict(common.DATASET_DEFAULTS, force=False)   # force: prepare (and download) again
 DEPENDS_ON = tuple(k for k in common.DATASET_DEFAULTS if k != 'data_dir')   # same values + same text = no-op
-SOURCE_KEYS = ('dataset', 'url', 'input')   # what the text is; the other keys change how it is cut up
 
 # online datasets: [(file name in raw/, url, sha256 or None where unknown)]; two files are (train, val)
 DOWNLOADS = {
@@ -49,14 +48,12 @@ DOWNLOADS = {
         for split in ('train', 'valid')],
 }
 BUILTIN = ('shakespeare', *DOWNLOADS)
-
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 TOKENIZER_SAMPLE_CHARS = 100 * 2**20   # the BPE learns from at most this much train text: more costs time, not quality
 VAL_FRACTION = 0.1                     # of a single file's bytes
 PIECE_CHARS = 2**20                    # long documents are tokenized in pieces of about this size, and
 BATCH_CHARS = 8 * 2**20                # this much text at a time: memory stays bounded for any input size
-THREADS = min(8, os.cpu_count() or 1)
-PROGRESS_SECONDS = 10
+THREADS, PROGRESS_SECONDS = min(8, os.cpu_count() or 1), 10
 
 # A server that accepts the connection but never answers costs (1 + READ_RETRIES) * READ_TIMEOUT seconds.
 CONNECT_TIMEOUT, READ_TIMEOUT = 10, 15
@@ -72,14 +69,13 @@ def main(argv):
     cfg, _ = common.parse_config(argv, DEFAULTS, skip_file_keys=True)
     check_config(cfg)
     data_dir = common.data_dir_of(cfg)
-    lock = common.lock_folder(data_dir, 'prepare run')
-    try:
+    with common.lock_folder(data_dir, 'prepare run'):
         try:
             old = common.read_meta(data_dir)
         except UserError:   # no dataset, or an unfinished one: nothing to protect
             old = None
-        if old and not cfg['force'] and any(old['config'].get(k) != cfg[k] for k in SOURCE_KEYS):
-            # a config's data_dir is easily inherited by mistake: a finished dataset of other text stays
+        if old and not cfg['force'] and any(old['config'].get(k) != cfg[k] for k in ('dataset', 'url', 'input')):
+            # another text: a config's data_dir is easily inherited by mistake, and a finished dataset stays
             own = os.path.join('data', cfg['dataset'])
             instead = f"add --data_dir={own}" if os.path.normpath(data_dir) != own else "choose another --data_dir"
             raise UserError(f"{data_dir} already holds the dataset '{old['dataset']}' "
@@ -90,9 +86,11 @@ def main(argv):
             print(f"already prepared {data_dir} from the same inputs (--force prepares it again)")
             return old
         meta = write_dataset(cfg, data_dir, source, *make_tokenizer(cfg, source))
-    finally:
-        lock.close()
-    print_summary(data_dir, meta, time.time() - t0)
+    print(f"prepared {data_dir} in {time.time() - t0:.1f}s: {meta['source']['description']}; tokenizer "
+          f"{meta['tokenizer']['name']} with {meta['n_vocab']:,} tokens ({meta['dtype']})")
+    for split in ('train', 'val'):
+        t, d, b = meta[f'{split}_tokens'], meta[f'{split}_docs'], meta[f'{split}_bytes']
+        print(f"  {split:5s} {d:>9,} docs {t:>13,} tokens {b:>15,} bytes  ({b / t:.2f} bytes/token)")
     return meta
 
 
@@ -357,14 +355,6 @@ def write_tokens(enc, pieces, path, dtype, label):
         f.flush()
         os.fsync(f.fileno())
     return dict(docs=docs, tokens=tokens, bytes=nbytes)
-
-
-def print_summary(data_dir, meta, seconds):
-    print(f"prepared {data_dir} in {seconds:.1f}s: {meta['source']['description']}; tokenizer "
-          f"{meta['tokenizer']['name']} with {meta['n_vocab']:,} tokens ({meta['dtype']})")
-    for split in ('train', 'val'):
-        t, d, b = meta[f'{split}_tokens'], meta[f'{split}_docs'], meta[f'{split}_bytes']
-        print(f"  {split:5s} {d:>9,} docs {t:>13,} tokens {b:>15,} bytes  ({b / t:.2f} bytes/token)")
 
 
 # ----------------------------------------------------------------------------------------------
