@@ -8,9 +8,10 @@ A DeepSeek-style language model in one file.
     RMSNorm -> LM head
 
 Reading order: ModelConfig; RoPE and the two attention types; the MoE (Router, experts); Block;
-KVCache; DeepSeekLM (forward, balancing, optimizer, generation); at the end the kernels the MoE runs
-on (grouped matmul, permutation gather). ModelConfig's defaults are the reference configuration of
-the architecture card, config/deepseek.py: 679.8M parameters, 226.8M active per token.
+KVCache; DeepSeekLM (forward, balancing, optimizers, generation); then Muon, and at the end the
+kernels (grouped matmul, the chunked head + loss, a permutation gather). ModelConfig's defaults are
+the reference configuration of the architecture card, config/deepseek.py: 679.8M parameters, 226.8M
+active per token.
 """
 
 import math
@@ -345,6 +346,7 @@ def max_violation(counts):
 
 
 # ----------------------------------------------------------------------------------------------
+# A block, and the KV cache that generation threads through the blocks
 
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx):
@@ -421,6 +423,7 @@ def attention_layout(key_valid, T, padded, first):
 
 
 # ----------------------------------------------------------------------------------------------
+# The language model
 
 class DeepSeekLM(nn.Module):
 
@@ -609,6 +612,25 @@ class DeepSeekLM(nn.Module):
         return idx
 
 
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> (B,) token ids. temperature 0 = argmax; top_k / top_p (nucleus) filter first."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p   # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, sorted_idx, sorted_logits.masked_fill(drop, float('-inf')))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Muon, the optimizer for the weight matrices (optimizer='muon')
+
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024) for weight matrices, and for stacks of them (the experts' (n_expert, in,
     out) weights: each expert's matrix on its own). SGD with Nesterov momentum whose update is
@@ -650,24 +672,8 @@ def orthogonalize(g, steps, eps=1e-7):
     return x.reshape(g.shape)
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, V) -> (B,) token ids. temperature 0 = argmax; top_k / top_p (nucleus) filter first."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p   # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, sorted_idx, sorted_logits.masked_fill(drop, float('-inf')))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
-
-
 # ----------------------------------------------------------------------------------------------
-# Kernels the MoE runs on
+# Kernels: the experts' grouped matmul, the head and loss in chunks, the MoE's permutation gather
 
 @torch.library.custom_op("deepseek_nano::grouped_mm", mutates_args=())
 def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
