@@ -26,20 +26,24 @@ def main(argv):
     cfg, _ = common.parse_config(argv, DEFAULTS, skip_file_keys=True)   # of a training config: its out_dir
     log = cfg['log'] or os.path.join(cfg['out_dir'], 'log.jsonl')
     png = cfg['png'] or os.path.join(cfg['out_dir'], 'run.png')
+    if not os.path.isfile(log):
+        raise UserError(f"no log at {log}: train first with `python train.py CONFIG`")
+    try:
+        with open(log) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except ValueError as e:
+        raise UserError(f"{log} is not a log of train.py ({e})") from None
+    records = [r for r in records if isinstance(r, dict)]
+    train = [r for r in records if r.get('kind') == 'train']
+    evals = [r for r in records if r.get('kind') == 'eval']
+    if not train and not evals:
+        raise UserError(f"{log} holds no train or eval records")
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install matplotlib") from None
-    if not os.path.isfile(log):
-        raise UserError(f"no log at {log}: train first with `python train.py CONFIG`")
-    with open(log) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    train = [r for r in records if r.get('kind') == 'train']
-    evals = [r for r in records if r.get('kind') == 'eval']
-    if not train and not evals:
-        raise UserError(f"{log} holds no train or eval records")
 
     fig, (ax_loss, ax_vio, ax_load) = plt.subplots(3, 1, figsize=(9, 10), height_ratios=[3, 2, 2])
     ax_loss.plot([r['iter'] for r in train], [r['loss'] for r in train], lw=0.8, alpha=0.6, label='train loss (batch)')

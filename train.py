@@ -69,6 +69,7 @@ positive = (lambda v: v > 0, "> 0")
 RULES = {
     'batch_size': positive, 'gradient_accumulation_steps': positive, 'max_iters': positive,
     'eval_interval': positive, 'eval_iters': positive, 'log_interval': positive, 'learning_rate': positive,
+    'out_dir': (lambda v: v.strip() != '', "a folder"),
     'init_from': (lambda v: v in ('scratch', 'resume'), "'scratch' or 'resume'"),
     'seed': (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     'min_lr': (lambda v: v >= 0, ">= 0"),

@@ -267,6 +267,7 @@ def test_a_second_training_into_the_same_out_dir_refuses(data_dir, tmp_path):
     (['--block_size=100000'], 'fewer than block_size 100000 + 1: lower --block_size'),
     (['--vocab_size=4294967297', '--n_layer=1'], 'more than the'),
     (['--out_dir=README.md'], 'README.md is a file, not a folder'),
+    (['--out_dir='], "out_dir must be a folder, got ''"),
     pytest.param(['--device=cuda'], 'device=cuda but CUDA is not available: use --device=cpu',
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')),
 ])
