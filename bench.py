@@ -241,7 +241,7 @@ def row_moe_vs_dense(args, device, out):
     N, D, H = args.moe_tokens, cfg.n_embd, cfg.expert_hidden
     _, ctx = autocast_for(device)
     torch.manual_seed(0)
-    moe = MoE(cfg).to(device).train()
+    moe = MoE(cfg, layer_idx=0).to(device).train()
     for p in moe.parameters():
         nn.init.normal_(p, std=0.02)   # MoE leaves its weights to DeepSeekLM.reset_parameters
     dense = nn.Sequential(nn.Linear(D, H, bias=False), nn.SiLU(), nn.Linear(H, D, bias=False)).to(device)

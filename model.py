@@ -52,6 +52,7 @@ class ModelConfig:
     router_score: str = 'softmax'   # 'softmax' | 'sigmoid' (DeepSeek-V3)
     router_jitter: float = 0.01     # multiplicative noise on the router input, training only
     balance_rate: float = 1e-3      # bias update speed of loss-free balancing
+    router_center: bool = True      # route each token on its input minus its sequence's running mean (Router)
 
     def __post_init__(self):
         for name in ('vocab_size', 'n_layer', 'n_embd', 'block_size', 'n_head', 'n_kv_head', 'head_dim',
@@ -258,11 +259,15 @@ class Router(nn.Module):
 
     Auxiliary-loss-free balancing (Wang et al. 2024, used by DeepSeek-V3): expert_bias only decides
     which experts a token goes to, never how much their outputs weigh, so balancing does not bend the
-    gradient the way an auxiliary loss does. DeepSeekLM.update_router_bias moves each bias against its
-    expert's load after every optimizer step, from the counts kept here."""
+    gradient the way an auxiliary loss does; DeepSeekLM.update_router_bias moves each bias against its
+    expert's load after every optimizer step, from the counts kept here. With router_center, the router
+    sees each token minus the running mean of its own sequence: all tokens of a document share a
+    component (its topic and style) that would lean the whole document towards the same experts, and
+    one global bias per expert can cancel only the training mix's average lean, not each document's."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_idx):
         super().__init__()
+        self.layer_idx, self.center = layer_idx, cfg.router_center
         self.k, self.score, self.jitter = cfg.n_expert_active, cfg.router_score, cfg.router_jitter
         self.weight = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd))
         self.register_buffer('expert_bias', torch.zeros(cfg.n_expert))    # balancing state, never trained by SGD
@@ -270,10 +275,14 @@ class Router(nn.Module):
         # picks since the last balancing update; an integer, so that counts stay exact in any model dtype
         self.register_buffer('expert_counts', torch.zeros(cfg.n_expert, dtype=torch.long), persistent=False)
 
-    def forward(self, x):
-        """x (N, D) -> gates (N, k) fp32 summing to 1, chosen experts (N, k), tokens per expert (n_expert,)."""
+    def forward(self, x, real=None, cache=None):
+        """x (B, T, D) -> gates (B*T, k) fp32 summing to 1, chosen experts (B*T, k), tokens per expert.
+        real (B, T): False for left padding, which the sequence means leave out."""
         with torch.autocast(x.device.type, enabled=False):   # routing decisions in fp32
             r_in = x.float()
+            if self.center:
+                r_in = self.centered(r_in, real, cache)
+            r_in = r_in.flatten(0, 1)
             if self.training and self.jitter > 0:   # multiplicative noise on the input: explores other experts
                 r_in = r_in * torch.empty_like(r_in).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             logits = F.linear(r_in, self.weight.float())
@@ -287,6 +296,19 @@ class Router(nn.Module):
             self.expert_counts += counts
         return gate, expert, counts
 
+    def centered(self, x, real, cache):
+        """x (B, T, D) minus the mean of its sequence's tokens up to and including each one. With a cache,
+        each row's running (sum, count) carries over from earlier forwards, so decoding routes exactly
+        as a full forward over the same tokens does."""
+        m = torch.ones_like(x[..., :1]) if real is None else real[..., None].to(x.dtype)
+        total, count = (x * m).cumsum(1), m.cumsum(1)
+        if cache is not None:
+            if cache.router_sums[self.layer_idx] is not None:
+                prev_total, prev_count = cache.router_sums[self.layer_idx]
+                total, count = total + prev_total[:, None], count + prev_count[:, None]
+            cache.router_sums[self.layer_idx] = (total[:, -1], count[:, -1])
+        return x - total / count.clamp(min=1)
+
 
 class MoE(nn.Module):
     """Dropless top-k mixture of experts, each expert Linear(n_embd, expert_hidden) -> SiLU ->
@@ -294,10 +316,10 @@ class MoE(nn.Module):
     expert, so each expert's tokens are one contiguous run, and run all experts as one grouped matmul;
     decoding a handful of tokens runs just the chosen experts. No step waits for the device."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer_idx):
         super().__init__()
         self.k, self.n_expert = cfg.n_expert_active, cfg.n_expert
-        self.router = Router(cfg)
+        self.router = Router(cfg, layer_idx)
         self.w1 = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd, cfg.expert_hidden))  # expert up: x @ w1[e]
         self.w2 = nn.Parameter(torch.empty(cfg.n_expert, cfg.expert_hidden, cfg.n_embd))  # expert down
         self.dropout = nn.Dropout(cfg.expert_dropout)
@@ -307,10 +329,10 @@ class MoE(nn.Module):
             self.shared = nn.Sequential(nn.Linear(cfg.n_embd, hidden, bias=False), nn.SiLU(),
                                         nn.Linear(hidden, cfg.n_embd, bias=False), nn.Dropout(cfg.expert_dropout))
 
-    def forward(self, x):
+    def forward(self, x, real=None, cache=None):
         B, T, D = x.shape
+        gate, expert, counts = self.router(x, real, cache)
         x = x.reshape(B * T, D)
-        gate, expert, counts = self.router(x)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if not self.training and expert.numel() < self.n_expert:
             out = self.experts_by_pair(x.to(dtype), expert, dtype)
@@ -355,22 +377,23 @@ class Block(nn.Module):
         attention = MultiHeadLatentAttention if cfg.attention == 'mla' else LatentTokenAttention
         self.attn = attention(cfg, layer_idx)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.moe = MoE(cfg)
+        self.moe = MoE(cfg, layer_idx)
 
-    def forward(self, x, cos, sin, attn_mask, is_causal, cache=None):
+    def forward(self, x, cos, sin, attn_mask, is_causal, cache=None, real=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache)
-        return x + self.moe(self.ffn_norm(x))
+        return x + self.moe(self.ffn_norm(x), real, cache)
 
 
 class KVCache:
     """Keys and values of every layer for generation, laid out (B, slot, ...): the layer's n_latent
     latent slots first, then the tokens in order. It also keeps what attention needs to know about
     those slots: which ones are padding (left-padded prompts), and how many real tokens each row has,
-    which is the next token's RoPE position."""
+    which is the next token's RoPE position; and, per layer, the running sums of the routers' inputs."""
 
     def __init__(self, batch_size, n_latent, max_tokens, n_layer, device):
         self.n_latent, self.max_slots = n_latent, n_latent + max_tokens
         self.buffers = [None] * n_layer
+        self.router_sums = [None] * n_layer   # (sum, count) of each row's router inputs so far
         self.start = self.len = 0      # this forward's new slots are [start, len)
         self.padded = False
         self.key_valid = torch.ones(batch_size, self.max_slots, dtype=torch.bool, device=device)
@@ -498,7 +521,7 @@ class DeepSeekLM(nn.Module):
         cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)   # (B, T, 1, D/2)
         x = self.wte(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, attn_mask, is_causal, cache)
+            x = block(x, cos, sin, attn_mask, is_causal, cache, real if padded else None)
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x), None

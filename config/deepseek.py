@@ -19,6 +19,7 @@ max_iters = 10000
 eval_interval = 500
 eval_iters = 20
 log_interval = 50
+ckpt_interval = 2500    # ckpt.pt holds AdamW's state too: 8.2 GB per write; ckpt_best.pt (weights) 2.7 GB
 learning_rate = 3e-4
 min_lr = 3e-5
 warmup_iters = 200

@@ -155,10 +155,21 @@ def mla_ref(attn, cfg, x, pos, allowed, theta):
     return attention_ref(q, k, kv[..., nope:], allowed, (nope + rope) ** -0.5) @ attn.wo.weight.T
 
 
+def centered_ref(x):
+    """x (B, T, D): each token minus the mean of its sequence up to and including itself, one at a time."""
+    out = torch.empty_like(x)
+    for b in range(x.size(0)):
+        for t in range(x.size(1)):
+            out[b, t] = x[b, t] - x[b, :t + 1].mean(0)
+    return out
+
+
 def moe_ref(moe, x, router_input=None):
-    """Naive dropless MoE, token by token: fp32 router, top-k on scores + bias, gates = the chosen unbiased
-    scores renormalised, expert e = silu(x @ w1[e]) @ w2[e]. x (N, D) -> y (N, D), counts (n_expert,)."""
-    r_in = x if router_input is None else router_input
+    """Naive dropless MoE, token by token: fp32 router on the centred input (or router_input (N, D)), top-k
+    on scores + bias, gates = the chosen unbiased scores renormalised, expert e = silu(x @ w1[e]) @ w2[e].
+    x (B, T, D) -> y (B*T, D), counts (n_expert,)."""
+    r_in = router_input if router_input is not None else (centered_ref(x) if moe.router.center else x).flatten(0, 1)
+    x = x.flatten(0, 1)
     logits = r_in.float() @ moe.router.weight.float().T
     scores = torch.softmax(logits, -1) if moe.router.score == 'softmax' else torch.sigmoid(logits)
     E = scores.size(1)
@@ -438,11 +449,13 @@ def test_chunked_loss_equals_cross_entropy_of_the_logits(monkeypatch):
 
 def make_moe(seed=0, **kw):
     torch.manual_seed(seed)
-    moe = MoE(tiny_cfg(**kw))
+    moe = MoE(tiny_cfg(**kw), layer_idx=0)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in moe.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name == 'router.weight' else 0.1))
+        # a sequence's first token has a centred router input of 0, all scores equal: the bias decides
+        moe.router.expert_bias.copy_(0.01 * torch.randn(moe.n_expert, generator=g))
     return moe.eval()
 
 
@@ -456,7 +469,8 @@ def make_moe(seed=0, **kw):
     ('softmax', 1, 0, 'router'),    # the router itself sends everything to expert 3
 ])
 def test_moe_matches_naive_loop_with_grads(score, k, shared, rig):
-    moe = make_moe(router_score=score, n_expert_active=k, n_shared_expert=shared)
+    # a rigged router sends all tokens to one expert only on the raw input: centring would cancel the rig
+    moe = make_moe(router_score=score, n_expert_active=k, n_shared_expert=shared, router_center=rig != 'router')
     torch.manual_seed(1)
     x = torch.randn(2, 12, 64)
     if rig == 'bias':
@@ -470,7 +484,7 @@ def test_moe_matches_naive_loop_with_grads(score, k, shared, rig):
     params = [x, moe.w1, moe.w2, moe.router.weight]
     y = moe(x)
     grads = torch.autograd.grad((y * w).sum(), params, allow_unused=True)
-    y_ref, counts = moe_ref(moe, x.view(-1, 64))
+    y_ref, counts = moe_ref(moe, x)
     grads_ref = torch.autograd.grad((y_ref.view_as(w) * w).sum(), params, allow_unused=True)
     torch.testing.assert_close(y, y_ref.view_as(y), atol=ATOL, rtol=ATOL)
     assert torch.equal(moe.router.expert_counts.float(), counts)
@@ -494,7 +508,7 @@ def test_moe_decode_path_matches_naive_loop(k, T, shared):
     assert T * k < moe.n_expert
     x = torch.randn(1, T, 64)
     y = moe(x)
-    y_ref, counts = moe_ref(moe, x.view(-1, 64))
+    y_ref, counts = moe_ref(moe, x)
     torch.testing.assert_close(y, y_ref.view_as(y), atol=ATOL, rtol=ATOL)
     assert torch.equal(moe.router.expert_counts.float(), counts)
 
@@ -514,6 +528,25 @@ def test_shared_expert_is_always_on_and_counted():
         assert b.num_params() - a.num_params() == 2 * extra * 2 * 64 * 64
         assert b.num_params(active=True) - a.num_params(active=True) == 2 * extra * 2 * 64 * 64
         assert card_params(b.config) == (b.num_params(), b.num_params(active=True))
+
+
+def test_centred_routing_ignores_what_a_whole_sequence_shares():
+    """With router_center (the default), adding the same vector to every token of a sequence changes no
+    routing decision; without it, a large enough shift sends the whole sequence to the same experts."""
+    torch.manual_seed(11)
+    x = torch.randn(2, 16, 64)
+    shift = 3.0 * torch.randn(2, 1, 64)
+    moe = make_moe()
+    assert moe.router.center
+    _, picked, _ = moe.router(x)
+    _, picked_shifted, _ = moe.router(x + shift)
+    assert torch.equal(picked, picked_shifted)
+    raw = make_moe(router_center=False)
+    _, picked, _ = raw.router(x)
+    _, picked_shifted, _ = raw.router(x + shift)
+    assert not torch.equal(picked, picked_shifted)
+    per_sequence = picked_shifted.view(2, 16 * 2)
+    assert all(len(set(row.tolist())) <= 3 for row in per_sequence)   # one lean for the whole sequence
 
 
 def test_expert_dropout_only_in_training_on_expert_outputs():
@@ -574,7 +607,7 @@ def test_bias_changes_selection_not_gates():
     moe.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 50.0, 50.0]))
     y = moe(x)[0]
     assert moe.router.expert_counts.tolist() == [0, 0, 16, 16]
-    s = torch.softmax(x[0] @ moe.router.weight.T, -1)
+    s = torch.softmax(centered_ref(x)[0] @ moe.router.weight.T, -1)
     expert = lambda e: F.silu(x[0] @ moe.w1[e]) @ moe.w2[e]   # noqa: E731
     g2, g3 = s[:, 2:3] / (s[:, 2:3] + s[:, 3:4]), s[:, 3:4] / (s[:, 2:3] + s[:, 3:4])
     torch.testing.assert_close(y, g2 * expert(2) + g3 * expert(3), atol=ATOL, rtol=ATOL)
@@ -583,7 +616,7 @@ def test_bias_changes_selection_not_gates():
     # a modest bias flips only some choices; gates still follow the unbiased scores (the naive loop)
     moe.router.expert_counts.zero_()
     moe.router.expert_bias.copy_(torch.tensor([0.0, 0.1, -0.1, 0.05]))
-    torch.testing.assert_close(moe(x)[0], moe_ref(moe, x[0])[0], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(moe(x)[0], moe_ref(moe, x)[0], atol=ATOL, rtol=ATOL)
 
 
 def test_update_router_bias_counts_maxvio_and_load():
@@ -651,13 +684,13 @@ def test_router_jitter_only_in_training_and_only_on_router_input():
     x = torch.randn(1, 16, 64)
     y_eval = moe(x)
     torch.testing.assert_close(moe(x), y_eval, atol=0, rtol=0)           # eval is deterministic
-    torch.testing.assert_close(y_eval[0], moe_ref(moe, x[0])[0], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(y_eval[0], moe_ref(moe, x)[0], atol=ATOL, rtol=ATOL)
     moe.train()
     torch.manual_seed(5)
     y1 = moe(x)
     torch.manual_seed(5)
     noise = torch.empty(16, 64).uniform_(0.7, 1.3)     # the first random draw of a training forward
-    torch.testing.assert_close(y1[0], moe_ref(moe, x[0], router_input=x[0] * noise)[0], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(y1[0], moe_ref(moe, x, router_input=centered_ref(x)[0] * noise)[0], atol=ATOL, rtol=ATOL)
     assert (moe(x) - y1).abs().amax() > 1e-4           # a fresh draw each step
     assert (y1 - y_eval).abs().amax() > 1e-4
     moe.router.jitter = 0.0
