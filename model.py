@@ -711,6 +711,8 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
 
 
 def has_grouped_mm_kernel(a):
+    if not hasattr(F, 'grouped_mm'):   # torch before 2.9
+        return False
     if a.device.type == 'cpu':
         return a.dtype in (torch.float32, torch.bfloat16, torch.float16)
     return a.device.type == 'cuda' and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
