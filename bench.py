@@ -31,6 +31,8 @@ holds on a shared, noisy machine where absolute times would not. Rows (JSON keys
     compile_speedup        seconds to the first compiled train step of a 24-layer model, the whole model
                            as one graph over each block compiled on its own (train.py's way), with both
                            times (compile_whole_s, compile_blocks_s)
+    memory                 (counted, not timed) a config/deepseek.py step's memory: weights, gradients and
+                           AdamW state, and the tensors saved for backward per block and in all (bf16)
 Keys ending in _eager are the same pairs without torch.compile.
 """
 
@@ -457,8 +459,37 @@ def row_compile_time(args, device, out):
     out['compile_speedup'] = seconds['whole'] / seconds['blocks']
 
 
+def row_memory(args, device, out):
+    """Memory of a config/deepseek.py train step, counted rather than timed: weights, gradients and AdamW
+    state (16 bytes per parameter), and the tensors autograd saves for backward, per block and for the
+    rest (embedding, head), found with saved_tensors_hooks on a 1- and a 2-block model at the config's
+    batch, under the autocast of a GPU run (bf16); --quick counts a smaller batch."""
+    cfg = load_config('deepseek.py')
+    B, T = (1, 64) if args.quick else (cfg['batch_size'], cfg['block_size'])
+    saved = []
+    for n_layer in (1, 2):
+        torch.manual_seed(0)
+        model = DeepSeekLM(model_config({**cfg, 'n_layer': n_layer})).train()
+        x = torch.randint(cfg['vocab_size'], (B, T + 1))
+        storages = {}
+
+        def keep(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast('cpu', dtype=torch.bfloat16):
+            model(x[:, :-1], x[:, 1:])
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved.append(sum(n for ptr, n in storages.items() if ptr not in params))
+    with torch.device('meta'):
+        n_params = DeepSeekLM(model_config(cfg)).num_params()
+    per_block, rest = saved[1] - saved[0], 2 * saved[0] - saved[1]
+    out['state_gib'] = 16 * n_params / 2**30
+    out['saved_per_block_gib'] = per_block / 2**30
+    out['saved_total_gib'] = (rest + cfg['n_layer'] * per_block) / 2**30
+
+
 ROWS = [row_train_vs_mm, row_step_vs_gemm_floor, row_moe_vs_dense, row_latent_attn_vs_causal, row_cache_speedup, row_mla_decode_vs_latent,
-        row_vs_transformers, row_mfu, row_compile_time]
+        row_vs_transformers, row_mfu, row_compile_time, row_memory]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,7 +552,7 @@ def main(argv):
 
 
 INFO_KEYS = ('device', 'torch', 'quick', 'load_avg')
-UNITS = {'_gflops': 'GFLOP/s', '_tok_s': 'tokens/s', '_s': 'seconds', '_calls': 'matmuls per step'}
+UNITS = {'_gflops': 'GFLOP/s', '_tok_s': 'tokens/s', '_s': 'seconds', '_calls': 'matmuls per step', '_gib': 'GiB'}
 
 
 def print_table(out):

@@ -9,6 +9,11 @@
 #   8 + 512.5 keys on average) = 1.361 + 0.108 = 1.469 GFLOP
 #   tokens per step = 8 x 1024 = 8,192  ->  12.0 TFLOP per step, 1.20e17 FLOP for 10,000 steps
 #   at 30% MFU of 989 TFLOP/s (297 TFLOP/s): 40 ms per step, ~405 s for the run, plus compile.
+# Memory of a step at 8 x 1024 tokens (`python bench.py --only=memory` counts it):
+#   weights, gradients and AdamW state: 16 bytes x 679.8M parameters = 10.1 GiB
+#   tensors saved for backward under bf16 autocast: 0.49 GiB per block, 11.9 GiB for all 24 with the
+#   embedding and head (the loss runs in chunks, so the 8,192 x 49,152 logits never exist at once)
+#   -> about 23 GiB with the temporaries of a layer's backward; at batch 4 about 17 GiB.
 # On a CPU it runs too, slowly; try: --device=cpu --batch_size=1 --block_size=64 --max_iters=5 --eval_iters=1
 out_dir = 'out-deepseek'
 dataset = 'shakespeare'

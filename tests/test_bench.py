@@ -18,7 +18,7 @@ def test_quick_run_prints_table_and_json():
     out = json.loads(lines[-1])
     for key in ('train_vs_mm', 'train_vs_mm_eager', 'step_vs_gemm_floor', 'moe_vs_dense', 'latent_attn_vs_causal', 'cache_speedup',
                 'mla_decode_vs_latent', 'mla_decode_vs_latent_ctx16', 'latent_decode_tok_s', 'mla_decode_tok_s',
-                'vs_transformers', 'mfu', 'compile_speedup'):
+                'vs_transformers', 'mfu', 'compile_speedup', 'state_gib', 'saved_total_gib'):
         assert key in out, key
         assert any(line.startswith(key + ' ') for line in lines[:-1]), key   # a row of the table too
     assert out['quick'] is True and out['mfu'] is None and out['train_vs_mm'] is None   # no compile in --quick
