@@ -309,18 +309,18 @@ def test_a_second_prepare_into_the_same_folder_refuses(tmp_path):
 
 def test_another_source_is_not_replaced_without_force(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    config = os.path.join(REPO, 'config', 'deepseek_mini.py')   # sets data_dir=data/shakespeare_8k
+    config = os.path.join(REPO, 'config', 'deepseek_mini.py')   # sets data_dir=data/shakespeare_4k
     prepare.main([config, '--max_docs=2', '--val_docs=1'])
-    before = files_of('data/shakespeare_8k')
+    before = files_of('data/shakespeare_4k')
     (tmp_path / 'book.txt').write_text("Chapter 1\nIt was a dark and stormy night.\n" * 200)
     err = cli_error([config, '--dataset=mybook', '--input=book.txt'], capsys)
-    assert err.startswith("error: data/shakespeare_8k already holds the dataset 'shakespeare' (")
+    assert err.startswith("error: data/shakespeare_4k already holds the dataset 'shakespeare' (")
     assert err.endswith("add --data_dir=data/mybook, or --force to replace it\n")
-    assert files_of('data/shakespeare_8k') == before
+    assert files_of('data/shakespeare_4k') == before
     meta = prepare.main([config, '--dataset=mybook', '--input=book.txt', '--data_dir=data/mybook'])
-    assert meta['dataset'] == 'mybook' and files_of('data/shakespeare_8k') == before
+    assert meta['dataset'] == 'mybook' and files_of('data/shakespeare_4k') == before
     meta = prepare.main([config, '--dataset=mybook', '--input=book.txt', '--force'])
-    assert common.read_meta('data/shakespeare_8k')['dataset'] == 'mybook'
+    assert common.read_meta('data/shakespeare_4k')['dataset'] == 'mybook'
 
 
 # ----------------------------------------------------------------------------------------------
