@@ -5,6 +5,7 @@ How close each part of the model runs to what this machine can do.
     python bench.py --json         # the same, plus one JSON object on the last line
     python bench.py --quick        # smoke run: small sizes, few repeats, no compilation (seconds)
     python bench.py --only=moe_vs_dense,cache_speedup
+    python bench.py --profile       # where the mini config's train step spends its time, op by op
 
 Every figure is a ratio of two things timed in the same process, interleaved (A B A B ...), after
 warm-up, as the median of repeats: load from other processes slows both sides alike, so the ratio
@@ -500,6 +501,7 @@ DEFAULTS = dict(
     quick=False,    # smoke run: small sizes, few repeats, no torch.compile
     device='auto',  # 'auto' = cuda if present, else cpu
     only='',        # comma-separated row names to run, e.g. moe_vs_dense
+    profile=False,  # instead: where the time of config/deepseek_mini.py's eager train step goes, op by op
 )
 
 
@@ -533,6 +535,8 @@ def main(argv):
 
     # time the process as train.py runs it, with its allocator setting
     common.keep_freed_memory()
+    if args.profile:
+        return profile_step(args, device)
     out = {'device': torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads',
            'torch': torch.__version__, 'quick': q, 'load_avg': round(os.getloadavg()[0], 2)}
     if not cuda and out['load_avg'] > 0.5 * (os.cpu_count() or 1):
@@ -549,6 +553,19 @@ def main(argv):
     if args.json:
         print(json.dumps(out))
     return out
+
+
+def profile_step(args, device):
+    """torch.profiler's table of the ops that take the time of 5 eager train steps, by their own time."""
+    from torch.profiler import ProfilerActivity, profile
+    step, _ = our_train_step(load_config('deepseek_mini.py', **args.mini), device, compiled=False)
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])) as prof:
+        for _ in range(5):
+            step()
+    sort = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
 
 
 INFO_KEYS = ('device', 'torch', 'quick', 'load_avg')

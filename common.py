@@ -38,7 +38,7 @@ class UserError(Exception):
 # Arguments apply left to right. A config file is plain Python whose public names override the
 # defaults; --key=value (or --key value) overrides one key. Values are Python literals, or plain text
 # for string keys, and must match the type of the default. Bools take true/false/yes/no/1/0, and a
-# bare --flag means --flag=true; a key whose default is None takes true/false/auto.
+# bare --flag means --flag=true; a key whose default is None takes true/false/auto. --help lists the keys.
 
 BOOL_WORDS = {'true': True, 'yes': True, '1': True, 'false': False, 'no': False, '0': False}
 
@@ -52,6 +52,9 @@ def parse_config(argv, defaults, skip_file_keys=()):
     while i < len(argv):
         arg = argv[i]
         i += 1
+        if arg in ('-h', '--help'):
+            print_help(defaults)
+            raise SystemExit(0)
         if arg.startswith('--'):
             key, eq, raw = arg[2:].partition('=')
             if key not in defaults:
@@ -79,6 +82,15 @@ def parse_config(argv, defaults, skip_file_keys=()):
                 config[key] = check_type(key, value, defaults[key], f"{value!r} (in {arg})")
                 given.add(key)
     return config, given
+
+
+def print_help(defaults):
+    """The running script's docstring, then every key it takes with its default."""
+    doc = (sys.modules['__main__'].__doc__ or '').strip()
+    print(doc + '\n' if doc else '', end='')
+    print(f"\nusage: python {os.path.basename(sys.argv[0])} [config/FILE.py ...] [--key=value | --key value ...]\nkeys (default):")
+    for key in sorted(defaults):
+        print(f"  --{key}={defaults[key]!r}")
 
 
 def unknown_key(key, defaults, where):

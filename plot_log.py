@@ -45,7 +45,12 @@ def main(argv):
     except ImportError:
         raise UserError("plotting needs matplotlib: pip install matplotlib") from None
 
-    fig, (ax_loss, ax_vio, ax_load) = plt.subplots(3, 1, figsize=(9, 10), height_ratios=[3, 2, 2])
+    iters, loads = load_over_training(evals, 'val_load')
+    cols = min(4, len(loads)) or 1
+    rows = -(-len(loads) // cols)
+    fig = plt.figure(figsize=(9, 7.5 + 1.7 * rows), layout='constrained')
+    grid = fig.add_gridspec(2 + rows, cols, height_ratios=[3, 2] + [1.2] * rows)
+    ax_loss, ax_vio = fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, :])
     ax_loss.plot([r['iter'] for r in train], [r['loss'] for r in train], lw=0.8, alpha=0.6, label='train loss (batch)')
     for key, label in (('train_loss', 'train loss (eval)'), ('val_loss', 'val loss')):
         ax_loss.plot([r['iter'] for r in evals], [r[key] for r in evals], 'o-', ms=3, label=label)
@@ -59,30 +64,45 @@ def main(argv):
         points = [(r['iter'], r[key]) for r in evals if key in r]
         if points:
             ax_vio.plot(*zip(*points), 'o-', ms=3, label=label)
-    ax_vio.set_yscale('symlog', linthresh=0.1)
+    ax_vio.set_yscale('symlog', linthresh=0.5, linscale=2)   # linear where balance lives, log up to a collapse's 3.0
+    ax_vio.set_yticks([0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3], ['0', '0.1', '0.2', '0.3', '0.5', '1', '2', '3'])
     ax_vio.set_ylabel('MaxVio = (max load - mean) / mean')
     ax_vio.set_xlabel('iteration')
-
-    last = next((r for r in reversed(evals) if 'val_load' in r), None)
-    if last:   # tokens per expert on the val split at the last evaluation; 1.0 = an even share
-        load = [[v * len(row) for v in row] for row in last['val_load']]
-        im = ax_load.imshow(load, aspect='auto', cmap='coolwarm', vmin=0, vmax=2)
-        ax_load.set_xlabel('expert')
-        ax_load.set_ylabel('layer')
-        ax_load.set_title(f"val load per expert at iter {last['iter']} (1.0 = even share)", fontsize=10)
-        fig.colorbar(im, ax=ax_load)
-    else:
-        ax_load.set_axis_off()
     for ax in (ax_loss, ax_vio):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+
+    if loads:   # one small heatmap per layer: experts down, evaluations across
+        axes = [fig.add_subplot(grid[2 + i // cols, i % cols]) for i in range(rows * cols)]
+        extent = (iters[0], iters[-1], len(loads[0]) - 0.5, -0.5)
+        for layer, (ax, load) in enumerate(zip(axes, loads)):
+            im = ax.imshow(load, aspect='auto', cmap='coolwarm', vmin=0, vmax=2, extent=extent, interpolation='nearest')
+            ax.set_title(f'val load per expert, layer {layer}' if layer == 0 else f'layer {layer}', fontsize=9)
+            ax.tick_params(labelsize=7)
+            if layer % cols == 0:
+                ax.set_ylabel('expert', fontsize=8)
+            if layer >= len(loads) - cols:
+                ax.set_xlabel('iteration', fontsize=8)
+        for ax in axes[len(loads):]:
+            ax.set_axis_off()
+        fig.colorbar(im, ax=axes, shrink=0.9, label='1 = even share')
     if cfg['title']:
         fig.suptitle(cfg['title'])
-    fig.tight_layout()
     tmp = png + '.tmp.png'
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, png)
     print(f"wrote {png}")
+
+
+def load_over_training(evals, key):
+    """The evaluations' iterations, and for each layer a matrix [expert][evaluation] of its share of the
+    tokens, scaled so that 1.0 is an even share (evaluations without that key are left out)."""
+    evals = [r for r in evals if key in r]
+    if not evals:
+        return [], []
+    n_layer, n_expert = len(evals[0][key]), len(evals[0][key][0])
+    loads = [[[r[key][layer][e] * n_expert for r in evals] for e in range(n_expert)] for layer in range(n_layer)]
+    return [r['iter'] for r in evals], loads
 
 
 if __name__ == '__main__':

@@ -25,3 +25,10 @@ def test_quick_run_prints_table_and_json():
     for key in ('train_vs_mm_eager', 'step_vs_gemm_floor', 'moe_vs_dense', 'latent_attn_vs_causal', 'cache_speedup',
                 'mla_decode_vs_latent'):
         assert 0 < out[key] < 1000, (key, out[key])
+
+
+def test_profile_prints_the_ops_of_a_train_step():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--profile', '--quick', '--device=cpu'],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert 'aten::mm' in p.stdout and 'Self CPU' in p.stdout and 'LinearCrossEntropy' in p.stdout

@@ -163,6 +163,19 @@ def test_every_script_takes_both_spellings_and_strict_bools(script, tmp_path):
         assert (message if argv != runs[-1] or not bool_flag else 'expects a bool') in p.stderr, (argv, p.stderr)
 
 
+@pytest.mark.parametrize('script', list(SCRIPTS))
+def test_every_script_lists_its_keys_on_help(script, tmp_path):
+    """--help prints the script's own docstring and each key it takes with its default, exit 0, and
+    nothing else (no data read, no folder locked); only lowercase settings are keys."""
+    flag = SCRIPTS[script][0]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), '--help'], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert p.returncode == 0 and p.stderr == '', p.stderr
+    assert f'usage: python {script}' in p.stdout and f'\n  {flag}=' in p.stdout
+    assert 'python ' + script in p.stdout.split('usage:')[0]   # the docstring's examples come first
+    assert '--EOT' not in p.stdout and os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------------------------
 # checkpoints and locks
 
