@@ -319,14 +319,14 @@ def row_mla_decode_vs_latent(args, device, out):
         cache = model.new_cache(1)
         with torch.no_grad(), ctx:
             logits, _ = model(prompt, cache=cache)
-        filled, n_tokens = cache.len, cache.n_tokens.clone()
+        filled, n_tokens, sums = cache.len, cache.n_tokens.clone(), list(cache.router_sums)
 
         def run():
             with torch.no_grad(), ctx:
                 token = logits[:, -1:].argmax(-1)
                 for _ in range(n):
                     token = model(token, cache=cache)[0][:, -1:].argmax(-1)
-            cache.len, cache.n_tokens = filled, n_tokens.clone()   # rewind to the prompt
+            cache.len, cache.n_tokens, cache.router_sums = filled, n_tokens.clone(), list(sums)   # back to the prompt
         return run
     for T, suffix in ((min(1000, base.block_size - n), ''), (16, '_ctx16')):
         prompt = torch.randint(base.vocab_size, (1, T), device=device)
@@ -514,6 +514,8 @@ def main(argv):
     args = Args(common.parse_config(argv, DEFAULTS)[0])
     names = [r.__name__[len('row_'):] for r in ROWS]
     only = [s for s in args.only.split(',') if s]
+    if args.only and not only:
+        raise common.UserError(f"--only={args.only!r} names no row: rows are {', '.join(names)}")
     if set(only) - set(names):
         raise common.UserError(f"unknown rows {sorted(set(only) - set(names))}: rows are {', '.join(names)}")
     device = torch.device(common.pick_device(args.device, 'auto')[0])

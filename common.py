@@ -10,6 +10,7 @@ import ctypes
 import difflib
 import inspect
 import json
+import math
 import os
 import sys
 import traceback
@@ -76,10 +77,12 @@ def parse_config(argv, defaults, skip_file_keys=()):
         else:
             for key, value in read_config_file(arg).items():
                 if key not in defaults:
-                    if skip_file_keys is True or key in skip_file_keys:
+                    # another script's key is skipped, unless it looks like a misspelling of one of ours
+                    typo = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.85)
+                    if (skip_file_keys is True or key in skip_file_keys) and not typo:
                         continue
                     raise unknown_key(key, defaults, f" in {arg}")
-                config[key] = check_type(key, value, defaults[key], f"{value!r} (in {arg})")
+                config[key] = check_type(key, value, defaults[key], f"{show(value)} (in {arg})")
                 given.add(key)
     return config, given
 
@@ -88,7 +91,8 @@ def print_help(defaults):
     """The running script's docstring, then every key it takes with its default."""
     doc = (sys.modules['__main__'].__doc__ or '').strip()
     print(doc + '\n' if doc else '', end='')
-    print(f"\nusage: python {os.path.basename(sys.argv[0])} [config/FILE.py ...] [--key=value | --key value ...]\nkeys (default):")
+    print(f"\nusage: python {os.path.basename(sys.argv[0])} [config/FILE.py ...] [--key=value | --key value ...]")
+    print("keys (default):")
     for key in sorted(defaults):
         print(f"  --{key}={defaults[key]!r}")
 
@@ -117,7 +121,16 @@ def parse_value(key, raw, default):
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         value = raw
-    return check_type(key, value, default, repr(raw))
+    return check_type(key, value, default, show(raw))
+
+
+def show(value, limit=60):
+    """repr() for an error message, cut short: a config may hold a value too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:   # an int of more digits than Python will print
+        return f"an int of {value.bit_length()} bits"
+    return text if len(text) <= limit else text[:limit] + '...'
 
 
 def check_type(key, value, default, shown):
@@ -128,7 +141,13 @@ def check_type(key, value, default, shown):
     if want is bool and isinstance(value, bool):
         return value
     if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)   # --learning_rate=1 means 1.0
+        try:
+            value = float(value)   # --learning_rate=1 means 1.0
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise UserError(f"config key '{key}' expects a finite number, got {shown}")
+        return value
     if want is int and not isinstance(value, bool):
         if isinstance(value, int):
             return value
@@ -145,8 +164,11 @@ def read_config_file(path):
     """Run a config file in a fresh namespace; its public names, without modules, functions and classes."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path} not found")
-    with open(path, encoding='utf-8') as f:
-        source = f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text: is it a Python config file?") from None
     namespace = {'__file__': path}   # lets a config build on another one beside it
     try:
         exec(compile(source, path, 'exec'), namespace)
@@ -164,7 +186,10 @@ def check_ranges(cfg, rules):
     """rules: {key: (test, what it must be)}. The first key whose value fails its test is a UserError."""
     for key, (ok, must) in rules.items():
         if not ok(cfg[key]):
-            raise UserError(f"{key} must be {must}, got {cfg[key]!r}")
+            raise UserError(f"{key} must be {must}, got {show(cfg[key])}")
+
+
+SMALLER = "ask for less at once (a smaller --batch_size, --block_size or --num_samples) or a smaller model"
 
 
 def run(main, *args):
@@ -176,9 +201,13 @@ def run(main, *args):
     except UserError as e:
         message = str(e)
     except torch.OutOfMemoryError:
-        message = "out of memory on the device: lower --batch_size (or --block_size)"
+        message = f"out of memory on the device: {SMALLER}"
     except MemoryError:
-        message = "out of memory: lower --batch_size (or --block_size), or use a smaller model"
+        message = f"out of memory: {SMALLER}"
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):   # the CPU allocator's own out-of-memory error
+            raise
+        message = f"out of memory: {SMALLER}"
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         message = f"{e.strerror or e}{where} (check the path, its permissions and the free disk space)"
@@ -197,10 +226,15 @@ def pick_device(device, dtype):
     CUDA (fp16 on GPUs without bf16), fp32 elsewhere."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError(f"device={device} but CUDA is not available: use --device=cpu")
-    if device.split(':')[0] not in ('cuda', 'mps', 'cpu'):
+    kind, _, index = device.partition(':')
+    if kind not in ('cuda', 'mps', 'cpu') or (index and (kind != 'cuda' or not index.isdigit())):
         raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f"device={device} but CUDA is not available: use --device=cpu")
+    if kind == 'cuda' and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"device={device} but there are {torch.cuda.device_count()} CUDA devices: use cuda:0 ...")
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise UserError("device=mps but this torch has no MPS (Apple GPU) support: use --device=cpu")
     if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     if dtype == 'auto':
@@ -348,6 +382,15 @@ def load_tokenizer(spec):
                              special_tokens={EOT: len(ranks)})
 
 
+def token_bytes(enc, token_id):
+    """The bytes of one token; b'' for an id the tokenizer lacks: past its end (the model's vocabulary is
+    padded) or in a gap of its numbering (cl100k_base and o200k_base leave some ids unused)."""
+    try:
+        return enc.decode_single_token_bytes(token_id)
+    except KeyError:
+        return b''
+
+
 def pretrained_encoding(name):
     """tiktoken's own encodings; their ranks come from the network once, then from tiktoken's cache."""
     if name not in PRETRAINED:
@@ -449,28 +492,40 @@ def fingerprint(obj):
 # ----------------------------------------------------------------------------------------------
 # Folders
 
-def lock_folder(path, what):
-    """Create path if needed and hold an exclusive lock on path/.lock for the life of the process, so a
-    second process that would write the same files refuses at once. Returns the open lock file."""
+def lock_folder(path, what, shared=False):
+    """Hold a lock on path/.lock for the life of the process; returns the open lock file. Exclusive (a
+    writer: creates path if needed): any other holder makes it refuse at once. Shared (a reader of a
+    folder that exists): other readers are welcome, a writer is refused, and so is this reader while a
+    writer holds it."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path} is a file, not a folder: choose another folder for the {what}")
     try:
-        os.makedirs(path, exist_ok=True)
+        if not shared:
+            os.makedirs(path, exist_ok=True)
         f = open(os.path.join(path, '.lock'), 'a+')
     except OSError as e:
+        if shared:   # a folder this process cannot write: nobody prepares into it from here either
+            return None
         raise UserError(f"cannot write in {path} ({e.strerror}): choose a folder you can write to") from None
-    if fcntl is not None:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if fcntl is None:
+        return f
+    try:
+        fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or '?'
+        try:   # who holds it: readers only (a shared lock is still granted) or a writer
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            holder = "a training run reading it"
         except OSError:
-            f.seek(0)
-            pid = f.read().strip() or '?'
-            raise UserError(f"{path} is in use by another {what} (pid {pid}): wait for it to finish, "
-                            f"or use another folder") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+            holder = f"a process writing it (pid {pid})" if shared else f"another {what} (pid {pid})"
+        f.close()
+        raise UserError(f"{path} is in use by {holder}: wait for it to finish, or use another folder") from None
+    if not shared:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
     return f
 
 

@@ -159,8 +159,9 @@ class LatentTokenAttention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
         if cache is None or cache.first:  # latent keys/values lead the sequence (and the cache)
             L = self.latent.size(0)
-            k = torch.cat([self.wk(self.latent).view(1, L, self.n_kv_head, self.head_dim).expand(B, -1, -1, -1).to(k.dtype), k], 1)
-            v = torch.cat([self.wv(self.latent).view(1, L, self.n_kv_head, self.head_dim).expand(B, -1, -1, -1).to(v.dtype), v], 1)
+            k_lat = self.wk(self.latent).view(1, L, self.n_kv_head, self.head_dim).expand(B, -1, -1, -1)
+            v_lat = self.wv(self.latent).view(1, L, self.n_kv_head, self.head_dim).expand(B, -1, -1, -1)
+            k, v = torch.cat([k_lat.to(k.dtype), k], 1), torch.cat([v_lat.to(v.dtype), v], 1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         return self.wo(attend(q, k, v, attn_mask, is_causal))
@@ -222,8 +223,9 @@ class MultiHeadLatentAttention(nn.Module):
             k_rope = torch.cat([lat_r.expand(B, L, -1).to(k_rope.dtype), k_rope], 1)
         if cache is not None:
             c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)
-        attend_fn = self.attend_absorbed if decoding else self.attend_naive
-        return self.wo(attend_fn(q_nope, q_rope, c_kv, k_rope, attn_mask, is_causal and not decoding))
+        if decoding:
+            return self.wo(self.attend_absorbed(q_nope, q_rope, c_kv, k_rope, attn_mask))
+        return self.wo(self.attend_naive(q_nope, q_rope, c_kv, k_rope, attn_mask, is_causal))
 
     def attend_naive(self, q_nope, q_rope, c_kv, k_rope, attn_mask, is_causal):
         """Expand every cached latent to full per-head keys and values (training and prefill)."""
@@ -233,18 +235,16 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)
         return attend(q, k, v, attn_mask, is_causal, scale=self.scale)
 
-    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, attn_mask, is_causal):
+    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, attn_mask):
         """Same result, attending to the compressed cache: q_nope·W_UK·c_kv and (p·c_kv)·W_UV.
         All heads share the one latent 'head', so they ride along the query axis, (T*H) queries against
-        S keys: asking SDPA for GQA instead would copy the whole cache once per head.
-        Decoding never needs is_causal; it becomes an explicit mask here."""
+        S keys: asking SDPA for GQA instead would copy the whole cache once per head. attn_mask (B, 1, T, S)
+        or None (every query sees every key, as one new token does)."""
         B, T, H, _ = q_nope.shape
         w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, :self.nope].to(q_nope.dtype), w[:, self.nope:].to(q_nope.dtype)
         q = torch.cat([torch.einsum('bthn,hnr->bthr', q_nope, w_uk), q_rope], dim=-1)  # (B, T, H, rank+rope)
         k = torch.cat([c_kv, k_rope], dim=-1)                                           # (B, S, rank+rope)
-        if is_causal:   # keys are [S - T latents; the T query tokens]
-            attn_mask = torch.ones(T, k.size(1), dtype=torch.bool, device=k.device).tril(k.size(1) - T)[None, None]
         mask = None if attn_mask is None else attn_mask.repeat_interleave(H, dim=2)    # (B, 1, T*H, S)
         o = F.scaled_dot_product_attention(q.reshape(B, 1, T * H, -1), k.unsqueeze(1), c_kv.unsqueeze(1),
                                            attn_mask=mask, scale=self.scale)            # (B, 1, T*H, rank)
@@ -261,9 +261,11 @@ class Router(nn.Module):
     which experts a token goes to, never how much their outputs weigh, so balancing does not bend the
     gradient the way an auxiliary loss does; DeepSeekLM.update_router_bias moves each bias against its
     expert's load after every optimizer step, from the counts kept here. With router_center, the router
-    sees each token minus the running mean of its own sequence: all tokens of a document share a
-    component (its topic and style) that would lean the whole document towards the same experts, and
-    one global bias per expert can cancel only the training mix's average lean, not each document's."""
+    sees each token minus the running mean of the sequence it is in (the window the model reads, from its
+    first token): all tokens of a document share a component (its topic and style) that would lean the
+    whole document towards the same experts, and one global bias per expert can cancel only the training
+    mix's average lean, not each document's. The first token of a sequence is its own mean, so it routes
+    on the biases alone, with equal gates."""
 
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -271,7 +273,9 @@ class Router(nn.Module):
         self.k, self.score, self.jitter = cfg.n_expert_active, cfg.router_score, cfg.router_jitter
         self.weight = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd))
         self.register_buffer('expert_bias', torch.zeros(cfg.n_expert))    # balancing state, never trained by SGD
-        self.register_buffer('expert_load', torch.full((cfg.n_expert,), 1.0 / cfg.n_expert))   # running load fraction
+        # each expert's load fraction, averaged over steps: for inspecting a checkpoint only, since the bias
+        # update reacts to each step's own counts
+        self.register_buffer('expert_load', torch.full((cfg.n_expert,), 1.0 / cfg.n_expert))
         # picks since the last balancing update; an integer, so that counts stay exact in any model dtype
         self.register_buffer('expert_counts', torch.zeros(cfg.n_expert, dtype=torch.long), persistent=False)
 
@@ -529,9 +533,10 @@ class DeepSeekLM(nn.Module):
         autocast = torch.is_autocast_enabled(h.device.type)
         dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype   # the head's matmuls
         with torch.autocast(h.device.type, enabled=False):
-            if reduction == 'none':
+            if reduction == 'none' or not torch.is_grad_enabled():   # evaluation: no gradients to precompute
                 with torch.no_grad():
-                    return None, linear_cross_entropy_per_token(h.to(dtype), self.lm_head.weight.to(dtype), t)
+                    per_token = linear_cross_entropy_per_token(h.to(dtype), self.lm_head.weight.to(dtype), t)
+                return None, per_token if reduction == 'none' else per_token.sum() / (t != -1).sum().clamp(min=1)
             return None, LinearCrossEntropy.apply(h, self.lm_head.weight, t, dtype)
 
     # --- loss-free load balancing -----------------------------------------------------------------
@@ -637,9 +642,9 @@ class DeepSeekLM(nn.Module):
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
     """logits (B, V) -> (B,) token ids. temperature 0 = argmax; top_k / top_p (nucleus) filter first."""
-    if temperature == 0:
+    if temperature < torch.finfo(logits.dtype).tiny:   # 0, or too small for the logits' dtype: greedy
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature   # the best token at 0: no overflow
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))

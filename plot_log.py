@@ -28,14 +28,17 @@ def main(argv):
     png = cfg['png'] or os.path.join(cfg['out_dir'], 'run.png')
     if not os.path.isfile(log):
         raise UserError(f"no log at {log}: train first with `python train.py CONFIG`")
+    if not png.endswith('.png') or os.path.isdir(png):   # never write over a checkpoint, a log or a folder
+        raise UserError(f"--png={png} is not a .png file name: give one, e.g. --png=run.png")
     try:
-        with open(log) as f:
+        with open(log, encoding='utf-8') as f:
             records = [json.loads(line) for line in f if line.strip()]
-    except ValueError as e:
+    except ValueError as e:   # not JSON, or not UTF-8
         raise UserError(f"{log} is not a log of train.py ({e})") from None
-    records = [r for r in records if isinstance(r, dict)]
-    train = [r for r in records if r.get('kind') == 'train']
-    evals = [r for r in records if r.get('kind') == 'eval']
+    records = [r for r in records if isinstance(r, dict) and number(r.get('iter'))]
+    train = [r for r in records if r.get('kind') == 'train' and number(r.get('loss')) and number(r.get('max_vio'))]
+    evals = [r for r in records if r.get('kind') == 'eval' and number(r.get('val_loss'))
+             and number(r.get('train_loss'))]
     if not train and not evals:
         raise UserError(f"{log} holds no train or eval records")
     try:
@@ -61,7 +64,7 @@ def main(argv):
                 label='training batch (worst layer)')
     for key, label in (('val_max_vio', 'val (worst layer)'), ('val_max_vio_mean', 'val (layer mean)'),
                        ('train_max_vio', 'train split (worst layer)'), ('train_max_vio_mean', 'train split (layer mean)')):
-        points = [(r['iter'], r[key]) for r in evals if key in r]
+        points = [(r['iter'], r[key]) for r in evals if number(r.get(key))]
         if points:
             ax_vio.plot(*zip(*points), 'o-', ms=3, label=label)
     ax_vio.set_yscale('symlog', linthresh=0.5, linscale=2)   # linear where balance lives, log up to a collapse's 3.0
@@ -94,13 +97,23 @@ def main(argv):
     print(f"wrote {png}")
 
 
+def number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def load_over_training(evals, key):
     """The evaluations' iterations, and for each layer a matrix [expert][evaluation] of its share of the
-    tokens, scaled so that 1.0 is an even share (evaluations without that key are left out)."""
-    evals = [r for r in evals if key in r]
+    tokens, scaled so that 1.0 is an even share (evaluations without a layers x experts table of numbers
+    under that key, or of another shape than the first one, are left out)."""
+    def shape(load):
+        ok = isinstance(load, list) and load and all(isinstance(row, list) and row and all(map(number, row))
+                                                     for row in load)
+        return (len(load), len(load[0])) if ok and len({len(row) for row in load}) == 1 else None
+    evals = [r for r in evals if shape(r.get(key))]
+    evals = [r for r in evals if shape(r[key]) == shape(evals[0][key])]
     if not evals:
         return [], []
-    n_layer, n_expert = len(evals[0][key]), len(evals[0][key][0])
+    n_layer, n_expert = shape(evals[0][key])
     loads = [[[r[key][layer][e] * n_expert for r in evals] for e in range(n_expert)] for layer in range(n_layer)]
     return [r['iter'] for r in evals], loads
 

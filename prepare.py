@@ -22,7 +22,9 @@ import json
 import os
 import pathlib
 import re
+import signal
 import sys
+import threading
 import time
 import zlib
 from urllib.parse import urlparse
@@ -60,6 +62,9 @@ CONNECT_TIMEOUT, READ_TIMEOUT = 10, 15
 CONNECT_RETRIES, READ_RETRIES, STATUS_RETRIES = 2, 2, 4   # the last for 429 and 5xx answers
 RETRY_BACKOFF = 1.0                    # seconds before the second retry, doubling after
 CHUNK_BYTES = 2**16                    # read from the network at a time: a cut loses at most this much
+# requests' timeouts bound each wait for a byte, not a server that sends one byte at a time:
+ANSWER_SECONDS = 150                   # the answer's headers must come within this, retries of busy answers included
+CHUNK_SECONDS = 60                     # and then every CHUNK_BYTES of the body within this
 RESUMES = 5                            # a stream cut mid-way is resumed at most this often, and only after progress
 
 
@@ -109,7 +114,8 @@ def check_config(cfg):
         'url': (lambda v: not v or urlparse(v).scheme in ('http', 'https'), "an http(s) URL (local files: --input)"),
         'tokenizer': (lambda v: v in ('bpe', *common.PRETRAINED), f"bpe or one of {', '.join(common.PRETRAINED)}"),
         'sha256': (lambda v: re.fullmatch(r'[0-9a-fA-F]{64}|', v), "64 hex digits (or empty)"),
-        'vocab_size': (lambda v: cfg['tokenizer'] != 'bpe' or v >= 257, f"at least 257 (256 bytes + {EOT})"),
+        'vocab_size': (lambda v: cfg['tokenizer'] != 'bpe' or 257 <= v <= 2**24,
+                       f"at least 257 (256 bytes + {EOT}) and at most {2**24:,}"),
         'val_docs': (lambda v: v >= 1, "at least 1: whole documents are held out for validation"),
         'max_docs': (lambda v: v >= 0, "0 (all documents) or a positive count")})
 
@@ -199,8 +205,11 @@ def input_files(spec):
     for item in filter(None, (s.strip() for s in spec.split(','))):
         if not os.path.exists(item):
             raise UserError(f"--input: {item} not found")
+        if not os.path.isdir(item) and not os.path.isfile(item):   # a pipe or a device would never end
+            raise UserError(f"--input: {item} is not a regular file or folder")
         paths += [item] if not os.path.isdir(item) else sorted(
-            os.path.join(root, f) for root, _, names in os.walk(item) for f in names if f.endswith(('.txt', '.md')))
+            os.path.join(root, f) for root, _, names in os.walk(item) for f in names
+            if f.endswith(('.txt', '.md')) and os.path.isfile(os.path.join(root, f)))
     if not paths:
         raise UserError(f"--input={spec} names no text: give files, or folders with .txt or .md files")
     return list(dict.fromkeys(paths))
@@ -388,6 +397,8 @@ def fetch(url, path, sha256='', force=False):
                 got = os.path.getsize(part) if os.path.exists(part) else 0
                 if got <= have or resume == RESUMES:
                     raise UserError(f"download of {url} broke off at {got:,} bytes: run again to resume") from None
+            finally:
+                watchdog(0)
     try:
         sha = checked_sha256(part)
         if sha256 and sha != sha256:
@@ -403,9 +414,11 @@ def fetch(url, path, sha256='', force=False):
 def download_once(session, url, part, have):
     """One request, appended to part. A cut raises requests' error (to resume); all else is a UserError."""
     host = urlparse(url).netloc
+    slow = f"{host} is too slow (under {CHUNK_BYTES // 1024} KB in {{}} s): try again later"
     # identity: no compression, so offsets count the bytes stored
     headers = {'Accept-Encoding': 'identity', **({'Range': f'bytes={have}-'} if have else {})}
     try:
+        watchdog(ANSWER_SECONDS, slow.format(ANSWER_SECONDS))
         r = session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
     except (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout) as e:
         reason = getattr(e.args[0], 'reason', None) if e.args else None   # what urllib3 gave up on
@@ -430,7 +443,9 @@ def download_once(session, url, part, have):
         total = have + int(r.headers['Content-Length']) if 'Content-Length' in r.headers else None
         shown = time.time()
         with open(part, 'ab' if have else 'wb') as f:
+            watchdog(CHUNK_SECONDS, slow.format(CHUNK_SECONDS))
             for chunk in r.iter_content(CHUNK_BYTES):
+                watchdog(CHUNK_SECONDS, slow.format(CHUNK_SECONDS))
                 if f.tell() == 0 and ('text/html' in r.headers.get('Content-Type', '')
                                       or re.match(rb'\s*<(!doctype html|html)', chunk, re.IGNORECASE)):
                     f.close()   # a web page is refused at its first block, not after gigabytes
@@ -444,6 +459,16 @@ def download_once(session, url, part, have):
             size = f.tell()
     if total is not None and size < total:
         raise requests.exceptions.ChunkedEncodingError(f"got {size:,} of {total:,} bytes")
+
+
+def watchdog(seconds, message=''):
+    """Raise UserError(message) in seconds unless called again first; watchdog(0) disarms. Only where
+    SIGALRM works (Unix, the main thread); elsewhere requests' own timeouts are all there is."""
+    def fire(signum, frame):
+        raise UserError(message)
+    if hasattr(signal, 'setitimer') and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGALRM, fire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
 if __name__ == '__main__':

@@ -51,7 +51,7 @@ RULES = {
     'temperature': (lambda v: v >= 0, ">= 0 (0 = greedy)"),
     'top_k': (lambda v: v >= 0, ">= 0 (0 = off)"),
     'top_p': (lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
-    'seed': (lambda v: v >= 0, ">= 0"),
+    'seed': (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
 }
 
 
@@ -127,8 +127,8 @@ def main(argv):
 
 class Printer:
     """Writes tokens to stdout as text while they come. A token can end inside a UTF-8 character, so
-    bytes go through an incremental decoder; <|endoftext|> and ids the tokenizer lacks (a vocabulary
-    padded past n_vocab) have no text."""
+    bytes go through an incremental decoder; <|endoftext|> and ids the tokenizer lacks (a padded vocabulary,
+    gaps in a tokenizer's numbering) have no text."""
 
     def __init__(self, enc):
         self.enc, self.parts = enc, []
@@ -136,8 +136,7 @@ class Printer:
         self.skip = {enc.encode_single_token(s) for s in enc.special_tokens_set}
 
     def add(self, token_ids):
-        data = b''.join(self.enc.decode_single_token_bytes(t) for t in token_ids
-                        if t not in self.skip and t < self.enc.n_vocab)
+        data = b''.join(common.token_bytes(self.enc, t) for t in token_ids if t not in self.skip)
         self.write(self.decoder.decode(data))
 
     def write(self, s):

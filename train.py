@@ -43,7 +43,7 @@ data_dir = ''              # '' = data/<dataset>
 batch_size = 8             # per process, per micro-step
 gradient_accumulation_steps = 1
 # optimizer and learning rate: linear warmup, then cosine decay to min_lr, or ('wsd') constant
-# until the last cooldown_frac of the iterations, then a linear decay to min_lr
+# until the last cooldown_frac of the iterations after warmup, then a linear decay to min_lr
 optimizer = 'adamw'        # 'adamw' | 'muon' (Muon for the blocks' weight matrices, AdamW for the rest)
 learning_rate = 3e-4
 max_iters = 10000
@@ -61,11 +61,13 @@ device = 'auto'            # 'auto' = cuda > mps > cpu
 dtype = 'auto'             # 'auto' = bfloat16 on CUDA if supported (else float16), float32 elsewhere
 compile = None             # None = on CUDA only; True / False
 # -----------------------------------------------------------------------------
-TRAIN_DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, str, bool, type(None)))}
+TRAIN_DEFAULTS = {k: v for k, v in globals().items()
+                  if k.islower() and not k.startswith('_') and isinstance(v, (int, float, str, bool, type(None)))}
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 DEFAULTS = {**MODEL_DEFAULTS, **TRAIN_DEFAULTS}
 
 positive = (lambda v: v > 0, "> 0")
+RUN_KEYS = {'out_dir', 'init_from', 'overwrite', 'device', 'compile'}   # of this process, not of the run's recipe
 RULES = {
     'batch_size': positive, 'gradient_accumulation_steps': positive, 'max_iters': positive,
     'eval_interval': positive, 'eval_iters': positive, 'log_interval': positive, 'learning_rate': positive,
@@ -83,12 +85,15 @@ RULES = {
     'optimizer': (lambda v: v in ('adamw', 'muon'), "'adamw' or 'muon'"),
     'lr_schedule': (lambda v: v in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
     'cooldown_frac': (lambda v: 0 < v <= 1, "in (0, 1]"),
+    'n_layer': (lambda v: 1 <= v <= 1024, "in [1, 1024]"),
 }
 
 
 def main(argv):
     cfg, given = common.parse_config(argv, DEFAULTS, skip_file_keys=common.DATASET_DEFAULTS)
     common.check_ranges(cfg, RULES)
+    if cfg['min_lr'] > cfg['learning_rate']:
+        raise UserError(f"min_lr {cfg['min_lr']} is above learning_rate {cfg['learning_rate']}: lower --min_lr")
     try:
         model_args = {k: cfg[k] for k in MODEL_DEFAULTS}
         ModelConfig(**model_args)
@@ -117,9 +122,12 @@ def main(argv):
     if cfg['init_from'] == 'resume':
         if not os.path.exists(ckpt_path):
             raise UserError(f"no checkpoint at {ckpt_path} to resume: train first without --init_from=resume")
-        ckpt, _ = common.load_checkpoint(ckpt_path, parts=('model', 'optimizer'))
+        ckpt, _ = common.load_checkpoint(ckpt_path, parts=('model', 'optimizer', 'rng', 'config'))
+        for k in TRAIN_DEFAULTS.keys() - given - RUN_KEYS:   # the run goes on with the recipe it started with
+            cfg[k] = ckpt['config'].get(k, cfg[k])
         model_args = check_resume(ckpt, ckpt_path, cfg, given)
     ddir = common.data_dir_of(cfg)
+    data_lock = common.lock_folder(ddir, 'training run', shared=True) if os.path.isdir(ddir) else None  # noqa: F841
     meta = common.read_meta(ddir)
     tok_spec = common.tokenizer_spec(ddir, meta)
     data = {s: os.path.join(ddir, f'{s}.bin') for s in ('train', 'val')}
@@ -133,6 +141,9 @@ def main(argv):
         lock = common.lock_folder(out, 'training run')   # noqa: F841 (held until the process ends)
         holds_run = any(os.path.exists(p) for p in (ckpt_path, best_path, log_path))
         if cfg['init_from'] == 'scratch' and holds_run and not cfg['overwrite']:
+            if not os.path.exists(ckpt_path):   # stopped before its first checkpoint: nothing to resume
+                raise UserError(f"{out} holds a run that wrote no checkpoint yet: start it over with "
+                                f"--overwrite=true, or train into another --out_dir")
             raise UserError(f"{out} already holds a run: continue it with --init_from=resume, train into another "
                             f"--out_dir, or replace it with --overwrite=true")
 
@@ -140,16 +151,29 @@ def main(argv):
     torch.manual_seed(cfg['seed'] + rank)
     model = DeepSeekLM(mconf)
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
+        try:
+            model.load_state_dict(ckpt['model'])
+        except RuntimeError as e:   # well formed, but written by another version of model.py
+            raise UserError(f"{ckpt_path} does not fit this model.py ({str(e).splitlines()[0]}): train a new "
+                            f"model into another --out_dir") from None
     model.to(dev)
     optimizers = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
                                             device_type, cfg['optimizer'])
     data_rng = np.random.default_rng(cfg['seed'] + rank)   # each rank its own stream of windows
+    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)   # fp16 only
     iter_num, best_val = 0, float('inf')
     if ckpt is not None:
-        for opt, state in zip(optimizers, ckpt['optimizer']):
-            opt.load_state_dict(state)
+        if not isinstance(ckpt['optimizer'], list) or len(ckpt['optimizer']) != len(optimizers):
+            raise UserError(f"{ckpt_path} holds another optimizer state than --optimizer={cfg['optimizer']} "
+                            f"needs: resume with the optimizer it was trained with")
+        try:
+            for opt, state in zip(optimizers, ckpt['optimizer']):
+                opt.load_state_dict(state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{ckpt_path}: its optimizer state does not fit this model ({e})") from None
         iter_num, best_val = ckpt['iter_num'], ckpt['best_val_loss']
+        if scaler.is_enabled() and ckpt.get('scaler'):   # fp16: the loss scale it had learnt
+            scaler.load_state_dict(ckpt['scaler'])
         if ckpt['rng']['rank'] == rank:   # exact resume: this rank's own random streams
             torch.set_rng_state(ckpt['rng']['torch'])
             if ckpt['rng']['cuda'] is not None and device_type == 'cuda':
@@ -169,7 +193,6 @@ def main(argv):
         warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
-    scaler = torch.amp.GradScaler(device_type, enabled=ptdtype == torch.float16)
 
     enc = common.load_tokenizer(tok_spec)
     token_bytes = token_byte_lengths(enc, mconf.vocab_size).to(dev)
@@ -191,6 +214,7 @@ def main(argv):
               'data': {'dir': ddir, 'source': meta['source']['sha256']}}
         if with_optimizer:
             ck['optimizer'] = [opt.state_dict() for opt in optimizers]
+            ck['scaler'] = scaler.state_dict() if scaler.is_enabled() else None
             ck['rng'] = {'rank': rank, 'torch': torch.get_rng_state(), 'data': data_rng.bit_generator.state,
                          'cuda': torch.cuda.get_rng_state(dev) if device_type == 'cuda' else None}
         common.save_checkpoint(ck, path)
@@ -344,11 +368,11 @@ def check_memory(mconf, dev, device_type, out):
         have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') if hasattr(os, 'sysconf') else float('inf')
     if need > have:
         raise UserError(f"the model has {n:,} parameters: its weights, gradients and AdamW state need "
-                        f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of {device_type} memory; "
+                        f"{fmt_bytes(need)}, more than the {fmt_bytes(have)} of {device_type} memory; "
                         f"use a smaller model")
     free = shutil.disk_usage(out if os.path.isdir(out) else '.').free
     if need > free:
-        raise UserError(f"{out} has {free / 2**30:.1f} GiB free, the checkpoints need about {need / 2**30:.1f} GiB: "
+        raise UserError(f"{out} has {fmt_bytes(free)} free, the checkpoints need about {fmt_bytes(need)}: "
                         f"free disk space or choose another --out_dir")
 
 
@@ -372,7 +396,7 @@ def get_lr(it, cfg):
 def get_batch(path, dtype, batch_size, block_size, rng, device):
     """Random windows of block_size+1 tokens. The memmap is opened per batch so memory never grows."""
     data = np.memmap(path, dtype=dtype, mode='r')
-    ix = rng.integers(0, len(data) - block_size - 1, size=batch_size)
+    ix = rng.integers(0, len(data) - block_size, size=batch_size)   # i + block_size is the last target
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
     if device.startswith('cuda'):
@@ -413,10 +437,10 @@ def evaluate(model, raw_model, data, dtype, cfg, block_size, dev, autocast, toke
 
 
 def token_byte_lengths(enc, n):
-    """UTF-8 bytes of each token id (0 for special tokens and ids past the tokenizer), for bits per byte."""
+    """UTF-8 bytes of each token id (0 for special tokens and ids the tokenizer lacks), for bits per byte."""
     special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
-    return torch.tensor([0 if i in special or i >= enc.n_vocab else len(enc.decode_single_token_bytes(i))
-                         for i in range(n)], dtype=torch.float32)
+    return torch.tensor([0 if i in special else len(common.token_bytes(enc, i)) for i in range(n)],
+                        dtype=torch.float32)
 
 
 def keep_log_until(path, iter_num):
@@ -424,9 +448,16 @@ def keep_log_until(path, iter_num):
     log.jsonl holds every iteration once."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    kept = [r for r in records if r.get('iter', 0) <= iter_num and r.get('kind') != 'summary']
+    kept = []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:   # a line cut short by a kill, or not a record at all
+                continue
+            if isinstance(r, dict) and isinstance(r.get('iter', 0), int) and r.get('iter', 0) <= iter_num \
+                    and r.get('kind') != 'summary':
+                kept.append(r)
     common.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept).encode())
 
 
@@ -444,6 +475,10 @@ def check_ranks_agree(raw_model, world, master):
     if master:
         same = bool(torch.equal(lo, hi))
         print(f"ddp: {world} ranks {'hold identical' if same else 'DIVERGED in'} weights and router biases")
+
+
+def fmt_bytes(n):
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def fmt_time(s):

@@ -6,10 +6,11 @@
 #
 # Sized for 10,000 steps in minutes on one H100/H200 (bf16, torch.compile, fused AdamW):
 #   FLOPs per token = 6 * 226.8M active params + causal attention (24 layers, 12 heads, 128 q.k+p.v width,
-#   8 + 512.5 keys on average) = 1.361 + 0.108 = 1.469 GFLOP
-#   tokens per step = 8 x 1024 = 8,192  ->  12.0 TFLOP per step, 1.20e17 FLOP for 10,000 steps
-#   at 30% MFU of 989 TFLOP/s (297 TFLOP/s): 40 ms per step, ~405 s for the run, plus compile.
-# Memory of a step at 8 x 1024 tokens (`python bench.py --only=memory` counts it):
+#   8 + 512.5 keys on average, x6 for forward and backward) = 1.361 + 0.115 = 1.476 GFLOP
+#   tokens per step = 8 x 1024 = 8,192  ->  12.1 TFLOP per step, 1.21e17 FLOP for 10,000 steps
+#   at 30% MFU of 989 TFLOP/s (297 TFLOP/s): 41 ms per step, ~410 s for the run, plus compile.
+#   train.py prints the FLOPs per token at start-up and the MFU in every log line.
+# Memory of a step at 8 x 1024 tokens (`python bench.py --only=memory` adds up the tensors):
 #   weights, gradients and AdamW state: 16 bytes x 679.8M parameters = 10.1 GiB
 #   tensors saved for backward under bf16 autocast: 0.49 GiB per block, 11.9 GiB for all 24 with the
 #   embedding and head (the loss runs in chunks, so the 8,192 x 49,152 logits never exist at once)
@@ -24,7 +25,7 @@ max_iters = 10000
 eval_interval = 500
 eval_iters = 20
 log_interval = 50
-ckpt_interval = 2500    # ckpt.pt holds AdamW's state too: 8.2 GB per write; ckpt_best.pt (weights) 2.7 GB
+ckpt_interval = 2500    # ckpt.pt holds AdamW's state too: 12 bytes x 679.8M = 8.2 GB per write; ckpt_best.pt 2.7 GB
 learning_rate = 3e-4
 min_lr = 3e-5
 warmup_iters = 200

@@ -32,3 +32,10 @@ def test_profile_prints_the_ops_of_a_train_step():
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert 'aten::mm' in p.stdout and 'Self CPU' in p.stdout and 'LinearCrossEntropy' in p.stdout
+
+
+def test_only_must_name_a_row():
+    for only in ('nope', ',,'):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), f'--only={only}'],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert p.returncode == 2 and p.stderr.count('\n') == 1 and 'rows are' in p.stderr, p.stderr

@@ -54,7 +54,7 @@ def test_files_and_overrides_apply_in_order(tmp_path):
     assert cfg_of(['--max_iters', '7', conf])['max_iters'] == 20   # a later file wins over an earlier override
 
 
-def test_config_file_runs_in_a_fresh_namespace_that_knows_its_path(tmp_path):
+def test_config_file_runs_in_a_fresh_namespace_that_knows_its_path(tmp_path, monkeypatch):
     conf = write(tmp_path, 'c.py', "max_iters = max_iters + 1\n")   # defaults are not visible inside
     with pytest.raises(UserError, match=r"c\.py line 1: NameError"):
         parse_config([conf], DEFAULTS)
@@ -62,6 +62,10 @@ def test_config_file_runs_in_a_fresh_namespace_that_knows_its_path(tmp_path):
     child = write(tmp_path, 'child.py', "import os\nexec(open(os.path.join(os.path.dirname(__file__), 'base.py')).read())\n"
                                         "dataset = 'x'\n")
     assert cfg_of([child])['max_iters'] == 11 and cfg_of([child])['dataset'] == 'x'
+    # the shipped MLA config builds on config/deepseek.py the same way, from any working folder
+    monkeypatch.chdir(tmp_path)
+    mla = common.read_config_file(os.path.join(ROOT, 'config', 'deepseek_mla.py'))
+    assert mla['attention'] == 'mla' and mla['batch_size'] == 8 and mla['out_dir'] == 'out-deepseek-mla'
 
 
 @pytest.mark.parametrize('text, want', [('True', True), ('false', False), ('1', True), ('0', False),
@@ -114,6 +118,26 @@ def test_config_file_mistakes(tmp_path):
     assert 'batch_size' not in cfg_of([conf], skip_file_keys={'batch_size', 'n_layer'})
     with pytest.raises(UserError, match='unknown config key'):   # never on the command line
         parse_config(['--batch_size=1'], DEFAULTS, skip_file_keys=True)
+    # another script's keys are skipped, but a near miss of one of ours is a typo, not another script's key
+    typo = write(tmp_path, 'typo.py', "batch_size = 8\nlearning_rte = 0.1\n")
+    with pytest.raises(UserError, match=r"unknown config key 'learning_rte' in .*typo\.py \(did you mean 'learning_rate'"):
+        parse_config([typo], DEFAULTS, skip_file_keys=True)
+    (tmp_path / 'latin1.py').write_bytes(b'max_iters = 3  # caf\xe9\n')
+    with pytest.raises(UserError, match=r"latin1\.py is not UTF-8 text"):
+        parse_config([str(tmp_path / 'latin1.py')], DEFAULTS)
+    huge = write(tmp_path, 'huge.py', "max_iters = 10**100000\n")   # too many digits for repr()
+    with pytest.raises(UserError, match=r"^max_iters must be < 10\*\*9, got an int of 332193 bits$"):
+        common.check_ranges(cfg_of([huge]), {'max_iters': (lambda v: v < 10**9, "< 10**9")})
+    with pytest.raises(UserError, match=r"'learning_rate' expects a finite number, got an int of 332193 bits"):
+        parse_config([write(tmp_path, 'huge_lr.py', "learning_rate = 10**100000\n")], DEFAULTS)
+
+
+@pytest.mark.parametrize('text', ['nan', 'inf', '-inf', '1e999'])
+def test_floats_must_be_finite(text, tmp_path):
+    with pytest.raises(UserError, match=r"'learning_rate' expects (a finite number|a number)"):
+        parse_config([f'--learning_rate={text}'], DEFAULTS)
+    with pytest.raises(UserError, match=r"'learning_rate' expects (a finite number|a number)"):
+        parse_config([write(tmp_path, 'c.py', f"learning_rate = float('{text}')\n")], DEFAULTS)
 
 
 def test_check_ranges_names_the_key_and_the_range():
@@ -136,6 +160,35 @@ def test_run_prints_one_line_and_exits_2(capsys, tmp_path):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count('\n') == 1 and 'Permission denied' in err and 'x' in err
     assert common.run(lambda x: x + 1, 1) == 2
+
+    def cpu_out_of_memory():   # what torch's CPU allocator raises: not a MemoryError
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory")
+    with pytest.raises(SystemExit) as e:
+        common.run(cpu_out_of_memory)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith('error: out of memory: ask for less at once') and err.count('\n') == 1
+
+    def bug():
+        raise RuntimeError("a bug keeps its traceback")
+    with pytest.raises(RuntimeError, match='a bug'):
+        common.run(bug)
+
+
+@pytest.mark.parametrize('device, message', [
+    ('cpu:x', "device must be auto, cpu, cuda, cuda:N or mps, got 'cpu:x'"),
+    ('gpu', "device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ('cuda:x', "device must be auto, cpu, cuda, cuda:N or mps"),
+])
+def test_devices_that_do_not_exist_are_refused(device, message):
+    with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        common.pick_device(device, 'auto')
+    if not torch.backends.mps.is_available():
+        with pytest.raises(UserError, match="device=mps but this torch has no MPS"):
+            common.pick_device('mps', 'auto')
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            common.pick_device('cuda:1', 'auto')
+    assert common.pick_device('cpu', 'auto') == ('cpu', torch.float32)
 
 
 SCRIPTS = {   # script: (a flag of each kind it takes, a value it refuses, the error naming it)

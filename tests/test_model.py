@@ -444,6 +444,23 @@ def test_chunked_loss_equals_cross_entropy_of_the_logits(monkeypatch):
     torch.testing.assert_close(per_token, want, atol=ATOL, rtol=ATOL)
 
 
+def test_loss_under_no_grad_skips_the_fused_gradients(monkeypatch):
+    """Evaluating with `torch.no_grad()` (nanoGPT's estimate_loss) gives the same mean loss without the
+    fused function, which would compute the head's gradients in its forward pass all the same."""
+    import model as model_module
+    m = make_model()
+    idx, tgt = tokens((2, 8), 6), tokens((2, 8), 7)
+    tgt[1, 5:] = -1
+    _, want = m(idx, tgt)
+
+    def refuse(*args):
+        raise AssertionError('fused loss ran under no_grad')
+    monkeypatch.setattr(model_module.LinearCrossEntropy, 'apply', refuse)
+    with torch.no_grad():
+        _, loss = m(idx, tgt)
+    torch.testing.assert_close(loss, want.detach(), atol=ATOL, rtol=ATOL)
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. the MoE dispatch vs a naive loop, outputs and gradients
 
@@ -826,9 +843,12 @@ def test_mla_absorbed_equals_naive(n_latent, q_lora_rank):
         if T > 1 and not causal:   # an explicit mask with some hidden keys
             mask = torch.rand(B, 1, T, S, generator=torch.Generator().manual_seed(T)) > 0.3
             mask[..., -1] = True
+        explicit = mask
+        if causal:   # the absorbed path takes masks only: keys are [S - T latents; the T query tokens]
+            explicit = torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None].expand(B, 1, T, S)
         with torch.no_grad():
             naive = attn.attend_naive(q_nope, q_rope, c_kv, k_rope, mask, causal)
-            absorbed = attn.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask, causal)
+            absorbed = attn.attend_absorbed(q_nope, q_rope, c_kv, k_rope, explicit)
         torch.testing.assert_close(absorbed, naive, atol=ATOL, rtol=ATOL)
 
 

@@ -27,6 +27,22 @@ def test_load_over_training_is_each_layers_share_per_expert_per_evaluation():
     assert loads == [[[1.0, 0.5], [1.0, 1.5]],    # layer 0: expert 0 over time, expert 1 over time
                      [[2.0, 1.0], [0.0, 1.0]]]    # layer 1 collapsed onto expert 0 at iteration 0
     assert load_over_training([{'kind': 'eval', 'iter': 0}], 'val_load') == ([], [])
+    damaged = [eval_record(20, []), eval_record(30, [[0.5, 0.5], [0.3]]), eval_record(40, [[0.5, 'x'], [1, 0]]),
+               eval_record(50, [[0.5, 0.5, 0.0]])]   # empty, ragged, not numbers, another shape
+    assert load_over_training(evals + damaged, 'val_load') == (iters, loads)
+
+
+def test_never_writes_over_anything_but_a_png(tmp_path):
+    """--png names the picture: a checkpoint, the log itself or a folder is refused before anything is drawn."""
+    (tmp_path / 'log.jsonl').write_text(json.dumps({'kind': 'train', 'iter': 1, 'loss': 5.0, 'max_vio': 0.1}) + '\n')
+    (tmp_path / 'ckpt.pt').write_bytes(b'weights')
+    (tmp_path / 'pics.png').mkdir()
+    for png in ('ckpt.pt', 'log.jsonl', 'pics.png'):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, 'plot_log.py'), f'--out_dir={tmp_path}',
+                            f'--png={tmp_path / png}'], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert p.returncode == 2 and p.stderr.count('\n') == 1 and 'is not a .png file name' in p.stderr, p.stderr
+    assert (tmp_path / 'ckpt.pt').read_bytes() == b'weights' and sorted(os.listdir(tmp_path)) == [
+        'ckpt.pt', 'log.jsonl', 'pics.png']
 
 
 def test_draws_loss_balance_and_load_per_layer(tmp_path):

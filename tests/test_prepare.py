@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -267,7 +268,8 @@ def test_pretrained_tokenizer_dataset(name, eot_id, dtype, small, tmp_path, monk
     (['--dataset=web', '--url=ftp://x/a.txt'], "url must be an http(s) URL (local files: --input), got 'ftp://x/a.txt'"),
     (['--dataset=web', '--url=http://x/a', '--sha256=abc'], "sha256 must be 64 hex digits (or empty), got 'abc'"),
     (['--tokenizer=llama'], "tokenizer must be bpe or one of gpt2, r50k_base, cl100k_base, o200k_base, got 'llama'"),
-    (['--vocab_size=256'], "vocab_size must be at least 257 (256 bytes + <|endoftext|>), got 256"),
+    (['--vocab_size=256'], "vocab_size must be at least 257 (256 bytes + <|endoftext|>) and at most 16,777,216, got 256"),
+    (['--vocab_size=1099511627776'], "vocab_size must be at least 257"),
     (['--val_docs=0'], "val_docs must be at least 1"),
     (['--max_docs=3', '--val_docs=3'], "val_docs=3 leaves no training plays out of 3: lower --val_docs"),
     (['--vocab_sise=8192'], "unknown config key 'vocab_sise' (did you mean 'vocab_size'?)"),
@@ -293,6 +295,16 @@ def test_cli_subprocess(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), '--vocab_sise=1'], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stderr) == (2, "error: unknown config key 'vocab_sise' (did you mean 'vocab_size'?)\n")
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='named pipes are POSIX')
+def test_input_that_is_not_a_regular_file_is_refused(tmp_path):
+    """A named pipe would be read forever: refused by name, and skipped inside an --input folder."""
+    os.mkfifo(tmp_path / 'pipe.txt')
+    with pytest.raises(UserError, match=r"--input: .*pipe\.txt is not a regular file or folder"):
+        prepare.input_files(str(tmp_path / 'pipe.txt'))
+    (tmp_path / 'notes.txt').write_text('some notes\n')
+    assert prepare.input_files(str(tmp_path)) == [str(tmp_path / 'notes.txt')]
 
 
 def test_a_second_prepare_into_the_same_folder_refuses(tmp_path):
@@ -516,6 +528,47 @@ def test_download_gives_up_on_a_silent_server_and_without_network(tmp_path, monk
         prepare.fetch(f'http://127.0.0.1:{port}/input.txt', str(tmp_path / 'raw' / 'input.txt'))
     assert str(e.value) == (f"cannot reach 127.0.0.1:{port} (offline?): `python prepare.py` uses the bundled "
                             f"Shakespeare and needs no network")
+
+
+def test_download_gives_up_on_a_server_that_drips(tmp_path, monkeypatch):
+    """A server that sends a byte now and then never trips requests' timeouts (each wait is short);
+    a block of the body must come within CHUNK_SECONDS, the answer within ANSWER_SECONDS."""
+    monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
+    monkeypatch.setattr(prepare, 'CHUNK_SECONDS', 1)
+    monkeypatch.setattr(prepare, 'ANSWER_SECONDS', 1)
+    monkeypatch.setattr(prepare, 'CHUNK_BYTES', 1024)
+    drip = socket.socket()
+    drip.bind(('127.0.0.1', 0))
+    drip.listen(8)
+    port = drip.getsockname()[1]
+    stop = threading.Event()
+
+    def serve_slowly(headers_too):
+        conn, _ = drip.accept()
+        conn.recv(4096)
+        head = b'HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n'
+        for i in range(len(head)) if headers_too else [None]:
+            if stop.wait(0.2 if headers_too else 0):
+                break
+            conn.sendall(head[i:i + 1] if headers_too else head)
+        while not stop.wait(0.2):
+            try:
+                conn.sendall(b'x')
+            except OSError:
+                break
+        conn.close()
+    for headers_too, wait in ((False, 'CHUNK'), (True, 'ANSWER')):
+        server = threading.Thread(target=serve_slowly, args=(headers_too,), daemon=True)
+        server.start()
+        t0 = time.time()
+        with pytest.raises(UserError, match=rf"127.0.0.1:{port} is too slow \(under 1 KB in 1 s\): try again later"):
+            prepare.fetch(f'http://127.0.0.1:{port}/drip.txt', str(tmp_path / 'raw' / 'drip.txt'))
+        assert time.time() - t0 < 10, wait
+        stop.set()
+        server.join(5)
+        stop.clear()
+    drip.close()
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)   # nothing left armed
 
 
 def test_url_dataset_end_to_end(web, tmp_path, capsys):

@@ -99,6 +99,16 @@ def test_greedy_equals_uncached_decode(tiny, capsys):
     assert out == f'--- sample 1 ---\n{want}\n--- sample 2 ---\n{want}\n'
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy(tiny, capsys):
+    ckpt, model, enc = tiny
+    greedy, _, _ = run(capsys, f'--ckpt={ckpt}', '--start=ROMEO:', '--temperature=0', '--num_samples=1',
+                       '--max_new_tokens=12')
+    for t in ('1e-30', '1e-45', '5e-324'):   # 1/t overflows fp32, or t itself rounds to 0 in fp32
+        texts, _, _ = run(capsys, f'--ckpt={ckpt}', '--start=ROMEO:', f'--temperature={t}', '--num_samples=1',
+                          '--max_new_tokens=12')
+        assert texts == greedy, t
+
+
 def test_file_prompts_give_one_sample_each(tiny, capsys, tmp_path):
     ckpt, model, enc = tiny
     prompts = ['ROMEO:', 'Good morrow, my lord, and what news', '<|endoftext|>KING']
@@ -212,6 +222,8 @@ def write_truncated(tiny, path):
     (lambda tiny, p: shutil.copy(tiny[0], p), ['--temperature=-1'], 'temperature must be >= 0'),
     (lambda tiny, p: shutil.copy(tiny[0], p), ['--max_new_tokens'], '--max_new_tokens needs a value'),
     (lambda tiny, p: shutil.copy(tiny[0], p), ['--dtype=float8'], "dtype must be auto, float32, bfloat16 or float16"),
+    (lambda tiny, p: shutil.copy(tiny[0], p), ['--seed=18446744073709551616'], 'seed must be in [0, 2**32)'),
+    (lambda tiny, p: shutil.copy(tiny[0], p), ['--device=cpu:x'], "device must be auto, cpu, cuda, cuda:N or mps"),
 ])
 def test_mistakes_are_one_line(tiny, capsys, tmp_path, monkeypatch, make, args, message):
     monkeypatch.chdir(tmp_path)
@@ -225,3 +237,17 @@ def test_mistakes_are_one_line(tiny, capsys, tmp_path, monkeypatch, make, args, 
     assert e.value.code == 2
     assert out == ''
     assert err.startswith('error: ') and err.count('\n') == 1 and message in err, err
+
+
+def test_printer_skips_ids_the_tokenizer_lacks(capsys):
+    """A model may sample an id with no bytes: <|endoftext|>, a padded vocabulary's tail, or a gap in a
+    tokenizer's numbering (cl100k_base has some); they print nothing, and a UTF-8 character split over two
+    tokens prints whole."""
+    import tiktoken
+    enc = tiktoken.Encoding('bytes', pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={EOT: 300})
+    printer = sample.Printer(enc)
+    for ids in ([ord('c'), ord('a'), 0xC3], [270, 300, 0xA9, 299, 400], [ord('!')]):
+        printer.add(ids)
+    assert capsys.readouterr().out == 'caé!' and ''.join(printer.parts) == 'caé!'
+

@@ -16,6 +16,7 @@ import torch
 import common
 import prepare
 import train
+from common import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,6 +121,21 @@ def test_resume_gives_identical_losses(data_dir, tmp_path):
     assert all(torch.equal(ca[k], cb[k]) for k in ca)   # includes the router biases
 
 
+def test_fp16_resume_keeps_the_loss_scale(data_dir, tmp_path):
+    """float16 trains with a loss scaler whose scale and growth counter evolve over the steps; a resumed
+    run carries them on, so it ends exactly where an uninterrupted one does."""
+    args = [*TINY, f'--data_dir={data_dir}', '--dtype=float16', '--log_interval=1', '--eval_interval=3',
+            '--eval_iters=1']
+    full, half = str(tmp_path / 'full'), str(tmp_path / 'half')
+    run_train(*args, f'--out_dir={full}', '--max_iters=6')
+    run_train(*args, f'--out_dir={half}', '--max_iters=3')
+    run_train(*args, f'--out_dir={half}', '--max_iters=6', '--init_from=resume')
+    sa = torch.load(os.path.join(full, 'ckpt.pt'), weights_only=True)['scaler']
+    sb = torch.load(os.path.join(half, 'ckpt.pt'), weights_only=True)['scaler']
+    assert sa == sb and sa['_growth_tracker'] > 3   # counted on across the resume, not from 0
+    assert losses(full) == losses(half)
+
+
 def test_kill_9_then_resume_matches_and_logs_each_iteration_once(data_dir, tmp_path):
     args = [*TINY, f'--data_dir={data_dir}', '--log_interval=1', '--eval_interval=10', '--max_iters=40']
     ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
@@ -219,6 +235,52 @@ def test_resume_refuses_other_data_damaged_or_incomplete_checkpoints(finished, t
     del ck['optimizer']
     common.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
     one_line_error(run_train(*resume, check=False), 'incomplete: it has no optimizer')
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)   # well formed, but not this model's
+    ck['model']['wte.weight_renamed'] = ck['model'].pop('wte.weight')
+    common.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
+    one_line_error(run_train(*resume, check=False), 'does not fit this model.py')
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)   # two optimizers' states for AdamW's one
+    ck['optimizer'] = ck['optimizer'] * 2
+    common.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
+    one_line_error(run_train(*resume, check=False), 'holds another optimizer state than --optimizer=adamw needs')
+
+
+def test_resume_goes_on_with_the_recipe_it_started_with(finished, tmp_path):
+    """Settings not given again (no config file, say) are the checkpoint's, not train.py's defaults: the
+    resumed run matches one that was given every flag again."""
+    out, args = finished
+    copies = []
+    for name in ('given', 'bare'):
+        copy = str(tmp_path / name)
+        copies.append(copy)
+        os.makedirs(copy)
+        for f in ('ckpt.pt', 'log.jsonl'):
+            with open(os.path.join(out, f), 'rb') as src, open(os.path.join(copy, f), 'wb') as dst:
+                dst.write(src.read())
+    run_train(*args, f'--out_dir={copies[0]}', '--init_from=resume', '--max_iters=12')
+    run_train(f'--out_dir={copies[1]}', '--init_from=resume', '--max_iters=12', '--device=cpu')
+    lrs = [{r['iter']: (r['lr'], r['loss']) for r in read_log(c) if r['kind'] == 'train'} for c in copies]
+    assert lrs[0] == lrs[1] and len(lrs[0]) == 12
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_over(finished, tmp_path):
+    out, args = finished
+    copy = str(tmp_path / 'early')
+    os.makedirs(copy)
+    with open(os.path.join(out, 'log.jsonl'), 'rb') as src, open(os.path.join(copy, 'log.jsonl'), 'wb') as dst:
+        dst.write(src.read())
+    one_line_error(run_train(*args, f'--out_dir={copy}', check=False),
+                   'holds a run that wrote no checkpoint yet: start it over with --overwrite=true')
+
+
+def test_resume_drops_damaged_log_lines(tmp_path):
+    """A kill can cut the last record short; resuming keeps the whole records up to the checkpoint."""
+    path = str(tmp_path / 'log.jsonl')
+    with open(path, 'wb') as f:
+        f.write(b'{"kind": "eval", "iter": 0}\n{"kind": "train", "iter": 5}\n[1, 2]\n\xff\xfe\n'
+                b'{"kind": "train", "iter": "x"}\n{"kind": "train", "iter": 15}\n{"kind": "train", "it')
+    train.keep_log_until(path, 10)
+    assert read_log(str(tmp_path)) == [{'kind': 'eval', 'iter': 0}, {'kind': 'train', 'iter': 5}]
 
 
 def test_overwrite_starts_over(finished, tmp_path):
@@ -231,6 +293,22 @@ def test_overwrite_starts_over(finished, tmp_path):
     run_train(*args, f'--out_dir={copy}', '--max_iters=4', '--overwrite=yes')
     assert [r['iter'] for r in read_log(copy) if r['kind'] == 'eval'] == [0, 4]
     assert torch.load(os.path.join(copy, 'ckpt.pt'), weights_only=True)['iter_num'] == 4
+
+
+def test_data_being_read_is_not_prepared_over_and_data_being_written_is_not_read(data_dir, tmp_path):
+    reader = common.lock_folder(data_dir, 'training run', shared=True)   # as a training run holds it
+    try:
+        common.lock_folder(data_dir, 'training run', shared=True).close()   # other readers are welcome
+        with pytest.raises(UserError, match=f'{data_dir} is in use by a training run reading it'):
+            prepare.main([f'--data_dir={data_dir}', '--max_docs=6', '--val_docs=1', '--vocab_size=512', '--force'])
+    finally:
+        reader.close()
+    writer = common.lock_folder(data_dir, 'prepare run')
+    try:
+        p = run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=2', check=False)
+        one_line_error(p, f'{data_dir} is in use by a process writing it (pid {os.getpid()})')
+    finally:
+        writer.close()
 
 
 def test_a_second_training_into_the_same_out_dir_refuses(data_dir, tmp_path):
@@ -268,6 +346,12 @@ def test_a_second_training_into_the_same_out_dir_refuses(data_dir, tmp_path):
     (['--vocab_size=4294967297', '--n_layer=1'], 'more than the'),
     (['--out_dir=README.md'], 'README.md is a file, not a folder'),
     (['--out_dir='], "out_dir must be a folder, got ''"),
+    (['--min_lr=5'], 'min_lr 5.0 is above learning_rate 0.003: lower --min_lr'),
+    (['--n_layer=100000'], 'n_layer must be in [1, 1024]'),
+    (['--learning_rate=1e999'], "config key 'learning_rate' expects a finite number"),
+    (['--device=cpu:x'], "device must be auto, cpu, cuda, cuda:N or mps, got 'cpu:x'"),
+    pytest.param(['--device=mps'], 'device=mps but this torch has no MPS',
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason='this machine has MPS')),
     pytest.param(['--device=cuda'], 'device=cuda but CUDA is not available: use --device=cpu',
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has CUDA')),
 ])
@@ -307,6 +391,49 @@ def test_lr_schedule():
     assert abs(lrs[10] - 1.0) < 1e-9                       # peak, then cosine
     assert abs(lrs[60] - (0.1 + 0.45)) < 1e-9              # halfway down
     assert lrs[110] == lrs[119] == 0.1                     # floor after lr_decay_iters (= max_iters)
+
+
+def test_bits_per_byte_is_nats_over_the_text_bytes(tmp_path):
+    """val_bpb = the loss summed over targets that are text, in bits, over those targets' UTF-8 bytes,
+    computed here from full logits and tiktoken's own bytes; <|endoftext|> targets have no bytes, so
+    they count in val_loss but not in bits per byte."""
+    import math
+    import tiktoken
+    import torch.nn.functional as F
+    from contextlib import nullcontext
+    from model import DeepSeekLM, ModelConfig
+    # byte-level ranks, a gap at 256..299, <|endoftext|> = 300: a padded, gapped vocabulary
+    enc = tiktoken.Encoding('bytes', pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={common.EOT: 300})
+    rng = np.random.default_rng(0)
+    tokens = rng.choice(np.r_[np.arange(97, 123), 0xC3, 0xA9, 32, 300], size=4000).astype(np.uint16)
+    for split in ('train', 'val'):
+        tokens.tofile(tmp_path / f'{split}.bin')
+    data = {s: str(tmp_path / f'{s}.bin') for s in ('train', 'val')}
+    torch.manual_seed(0)
+    model = DeepSeekLM(ModelConfig(vocab_size=320, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, head_dim=16,
+                                   n_latent=2, n_expert=2, n_expert_active=1, expert_hidden=32, block_size=16))
+    cfg = {'seed': 3, 'eval_iters': 2, 'batch_size': 3}
+    token_bytes = train.token_byte_lengths(enc, 320)
+    assert token_bytes[300] == 0 and token_bytes[270] == 0 and token_bytes[0xC3] == 1
+    out = train.evaluate(model, model, data, np.uint16, cfg, 16, 'cpu', nullcontext(), token_bytes)
+    # the reference: the same windows, full logits, tiktoken's bytes
+    win = np.random.default_rng(cfg['seed'] + 10_000)
+    nats = nbytes = total = count = 0.0
+    model.eval()
+    for _ in range(cfg['eval_iters']):
+        ix = win.integers(0, len(tokens) - 16, size=3)
+        x = torch.tensor(np.stack([tokens[i:i + 16] for i in ix]).astype(np.int64))
+        y = torch.tensor(np.stack([tokens[i + 1:i + 17] for i in ix]).astype(np.int64))
+        with torch.no_grad():
+            loss = F.cross_entropy(model(x)[0].flatten(0, 1).float(), y.flatten(), reduction='none')
+        for l, t in zip(loss.tolist(), y.flatten().tolist()):
+            total, count = total + l, count + 1
+            if t != 300:
+                nats, nbytes = nats + l, nbytes + len(enc.decode_single_token_bytes(t))
+    assert out['val_loss'] == pytest.approx(total / count, rel=1e-5)
+    assert out['val_bpb'] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
+    assert nbytes < count   # some targets were <|endoftext|>
 
 
 def test_wsd_schedule():
