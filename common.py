@@ -340,6 +340,11 @@ def read_meta(data_dir):
     for key, kind in META_TYPES.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise UserError(f"{path}: '{key}' should be {kind.__name__}, got {meta.get(key)!r}: {redo} with --force")
+    inner = ['source.sha256', 'source.description', 'tokenizer.kind', 'tokenizer.name']
+    for key in inner + ['tokenizer.pattern'] * (meta['tokenizer'].get('kind') == 'bpe'):
+        outer, field = key.split('.')
+        if not isinstance(meta[outer].get(field), str):
+            raise UserError(f"{path}: '{key}' should be str, got {show(meta[outer].get(field))}: {redo} with --force")
     if meta['dtype'] not in ('uint16', 'uint32'):
         raise UserError(f"{path} has an unknown dtype {meta['dtype']!r}: {redo} with --force")
     itemsize = np.dtype(meta['dtype']).itemsize

@@ -5,6 +5,7 @@ specs, crash safety, the command line's one-line errors, and downloads against a
 """
 
 import hashlib
+import json
 import http.server
 import os
 import random
@@ -229,6 +230,12 @@ def test_read_meta_refuses_damaged_datasets(small, tmp_path):
     open(os.path.join(copy, 'meta.json'), 'w').write(re.sub(r'"val_tokens": (\d+)', r'"val_tokens": "\1"', text))
     with pytest.raises(UserError, match="'val_tokens' should be int"):
         common.read_meta(copy)
+    for outer, field in (('tokenizer', 'pattern'), ('source', 'sha256')):   # fields inside fields, too
+        meta = json.loads(text)
+        del meta[outer][field]
+        open(os.path.join(copy, 'meta.json'), 'w').write(json.dumps(meta))
+        with pytest.raises(UserError, match=rf"'{outer}.{field}' should be str, got None: run .* with --force"):
+            common.read_meta(copy)
 
 
 def test_pretrained_tokenizer_offline_is_one_line(tmp_path, monkeypatch, capsys):
