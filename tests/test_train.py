@@ -4,6 +4,7 @@ rejection is one stderr line with exit code 2."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +66,14 @@ def snapshot(folder):
     """Every file's bytes, to show that a refused command changed nothing."""
     return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))
             if name != '.lock' and os.path.isfile(os.path.join(folder, name))}
+
+
+def copy_files(src, dst, names=None):
+    """A copy of a run's or a dataset's folder: the named files, or every file in it."""
+    os.makedirs(dst)
+    for name in names or [n for n in os.listdir(src) if os.path.isfile(os.path.join(src, n))]:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return dst
 
 
 def one_line_error(p, message):
@@ -219,11 +228,7 @@ def test_resume_refuses_other_data_damaged_or_incomplete_checkpoints(finished, t
     out, args = finished
     other = str(tmp_path / 'other')
     prepare.main([f'--data_dir={other}', '--max_docs=5', '--val_docs=1', '--vocab_size=400'])
-    copy = str(tmp_path / 'copy')
-    os.makedirs(copy)
-    for name in ('ckpt.pt', 'log.jsonl'):
-        with open(os.path.join(out, name), 'rb') as src, open(os.path.join(copy, name), 'wb') as dst:
-            dst.write(src.read())
+    copy = copy_files(out, str(tmp_path / 'copy'), ['ckpt.pt', 'log.jsonl'])
     resume = [*args, f'--out_dir={copy}', '--init_from=resume', '--max_iters=12']
     one_line_error(run_train(*resume, f'--data_dir={other}', check=False), 'is not the data')
     ckpt = os.path.join(copy, 'ckpt.pt')
@@ -249,14 +254,7 @@ def test_resume_goes_on_with_the_recipe_it_started_with(finished, tmp_path):
     """Settings not given again (no config file, say) are the checkpoint's, not train.py's defaults: the
     resumed run matches one that was given every flag again."""
     out, args = finished
-    copies = []
-    for name in ('given', 'bare'):
-        copy = str(tmp_path / name)
-        copies.append(copy)
-        os.makedirs(copy)
-        for f in ('ckpt.pt', 'log.jsonl'):
-            with open(os.path.join(out, f), 'rb') as src, open(os.path.join(copy, f), 'wb') as dst:
-                dst.write(src.read())
+    copies = [copy_files(out, str(tmp_path / name), ['ckpt.pt', 'log.jsonl']) for name in ('given', 'bare')]
     run_train(*args, f'--out_dir={copies[0]}', '--init_from=resume', '--max_iters=12')
     run_train(f'--out_dir={copies[1]}', '--init_from=resume', '--max_iters=12', '--device=cpu')
     lrs = [{r['iter']: (r['lr'], r['loss']) for r in read_log(c) if r['kind'] == 'train'} for c in copies]
@@ -265,10 +263,7 @@ def test_resume_goes_on_with_the_recipe_it_started_with(finished, tmp_path):
 
 def test_a_run_stopped_before_its_first_checkpoint_is_started_over(finished, tmp_path):
     out, args = finished
-    copy = str(tmp_path / 'early')
-    os.makedirs(copy)
-    with open(os.path.join(out, 'log.jsonl'), 'rb') as src, open(os.path.join(copy, 'log.jsonl'), 'wb') as dst:
-        dst.write(src.read())
+    copy = copy_files(out, str(tmp_path / 'early'), ['log.jsonl'])
     one_line_error(run_train(*args, f'--out_dir={copy}', check=False),
                    'holds a run that wrote no checkpoint yet: start it over with --overwrite=true')
 
@@ -285,11 +280,7 @@ def test_resume_drops_damaged_log_lines(tmp_path):
 
 def test_overwrite_starts_over(finished, tmp_path):
     out, args = finished
-    copy = str(tmp_path / 'copy')
-    os.makedirs(copy)
-    for name in os.listdir(out):
-        with open(os.path.join(out, name), 'rb') as src, open(os.path.join(copy, name), 'wb') as dst:
-            dst.write(src.read())
+    copy = copy_files(out, str(tmp_path / 'copy'))
     run_train(*args, f'--out_dir={copy}', '--max_iters=4', '--overwrite=yes')
     assert [r['iter'] for r in read_log(copy) if r['kind'] == 'eval'] == [0, 4]
     assert torch.load(os.path.join(copy, 'ckpt.pt'), weights_only=True)['iter_num'] == 4
@@ -365,12 +356,7 @@ def test_bad_input_is_one_clean_line(data_dir, args, message, tmp_path):
 def test_bad_data_is_one_clean_line(data_dir, tmp_path):
     p = run_train(*TINY, f'--data_dir={tmp_path}/none', check=False)
     one_line_error(p, 'run `python prepare.py')
-    bad = str(tmp_path / 'bad')
-    os.makedirs(bad)
-    for name in os.listdir(data_dir):
-        if os.path.isfile(os.path.join(data_dir, name)):
-            with open(os.path.join(data_dir, name), 'rb') as src, open(os.path.join(bad, name), 'wb') as dst:
-                dst.write(src.read())
+    bad = copy_files(data_dir, str(tmp_path / 'bad'))
     meta = json.load(open(os.path.join(bad, 'meta.json')))
     ids = np.memmap(os.path.join(bad, 'train.bin'), dtype=meta['dtype'], mode='r+')
     ids[100] = meta['n_vocab'] + 5   # a token id outside the vocabulary
