@@ -44,6 +44,13 @@ class UserError(Exception):
 BOOL_WORDS = {'true': True, 'yes': True, '1': True, 'false': False, 'no': False, '0': False}
 
 
+def settings_of(namespace):
+    """A script's settings: the lowercase public names of its module that hold a plain value (imported
+    constants such as EOT and helpers are left out)."""
+    return {k: v for k, v in namespace.items() if k.islower() and not k.startswith('_')
+            and isinstance(v, (int, float, str, bool, type(None)))}
+
+
 def parse_config(argv, defaults, skip_file_keys=()):
     """Merge config files and overrides from argv into a copy of defaults. Returns (config, given): given
     is the set of keys that a file or an override set. Config files may also set keys in skip_file_keys

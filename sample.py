@@ -44,7 +44,7 @@ dtype = 'auto'             # 'auto' = bfloat16 on CUDA if supported, float32 els
 compile = False            # torch.compile the model (pays off for long generations on a GPU)
 use_cache = True           # False = recompute the whole window for every token (slow; for comparison)
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith('_') and isinstance(v, (int, float, str, bool))}
+DEFAULTS = common.settings_of(globals())
 RULES = {
     'num_samples': (lambda v: v > 0, "> 0"),
     'max_new_tokens': (lambda v: v > 0, "> 0"),

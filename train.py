@@ -61,8 +61,7 @@ device = 'auto'            # 'auto' = cuda > mps > cpu
 dtype = 'auto'             # 'auto' = bfloat16 on CUDA if supported (else float16), float32 elsewhere
 compile = None             # None = on CUDA only; True / False
 # -----------------------------------------------------------------------------
-TRAIN_DEFAULTS = {k: v for k, v in globals().items()
-                  if k.islower() and not k.startswith('_') and isinstance(v, (int, float, str, bool, type(None)))}
+TRAIN_DEFAULTS = common.settings_of(globals())
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 DEFAULTS = {**MODEL_DEFAULTS, **TRAIN_DEFAULTS}
 

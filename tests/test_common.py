@@ -29,6 +29,12 @@ def cfg_of(argv, defaults=DEFAULTS, **kw):
 # ----------------------------------------------------------------------------------------------
 # the command line
 
+def test_a_scripts_settings_are_its_lowercase_plain_values():
+    namespace = {'EOT': '<|endoftext|>', 'lr': 3e-4, 'name': 'x', 'compile': None, 'on': True, '_private': 1,
+                 'os': os, 'helper': print, 'shapes': [1, 2]}
+    assert common.settings_of(namespace) == {'lr': 3e-4, 'name': 'x', 'compile': None, 'on': True}
+
+
 def test_no_args_returns_a_copy_of_the_defaults():
     cfg, given = parse_config([], DEFAULTS)
     assert cfg == DEFAULTS and cfg is not DEFAULTS and given == set()
