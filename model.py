@@ -337,7 +337,7 @@ class MoE(nn.Module):
         B, T, D = x.shape
         gate, expert, counts = self.router(x, real, cache)
         x = x.reshape(B * T, D)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = matmul_dtype(x)
         if not self.training and expert.numel() < self.n_expert:
             out = self.experts_by_pair(x.to(dtype), expert, dtype)
         else:
@@ -530,8 +530,7 @@ class DeepSeekLM(nn.Module):
         if targets is None:
             return self.lm_head(x), None
         h, t = x.reshape(B * T, -1), targets.reshape(-1)
-        autocast = torch.is_autocast_enabled(h.device.type)
-        dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype   # the head's matmuls
+        dtype = matmul_dtype(h)   # the head's matmuls
         with torch.autocast(h.device.type, enabled=False):
             if reduction == 'none' or not torch.is_grad_enabled():   # evaluation: no gradients to precompute
                 with torch.no_grad():
@@ -754,6 +753,12 @@ def _grouped_mm_backward(ctx, grad):
 
 
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def matmul_dtype(t):
+    """The dtype matmuls on t run in: autocast's where it is on, else t's own. For the code that calls
+    custom ops or torch.autograd.Functions, which autocast does not see."""
+    return torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
 
 
 def chunk_rows(h, w):
