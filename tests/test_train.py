@@ -170,15 +170,20 @@ def test_kill_9_then_resume_matches_and_logs_each_iteration_once(data_dir, tmp_p
 
 def test_ctrl_c_keeps_the_last_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / 'out')
+    # a shell's background job starts with Ctrl-C ignored, which the child would inherit: restore it
     proc = subprocess.Popen(train_cmd(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--eval_interval=5',
                                       '--log_interval=1', '--max_iters=100000'),
-                            cwd=ROOT, env=env_for(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env_for(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = os.path.join(out, 'ckpt.pt')
     deadline = time.time() + 300
     while not os.path.exists(ckpt) and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()   # never outlive the test: it would hold the shared data folder's lock
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == 'interrupted'
     assert common.load_checkpoint(ckpt, parts=('model', 'optimizer'))[0]['iter_num'] % 5 == 0
 
