@@ -9,9 +9,8 @@ Prepare a dataset for train.py: text -> tokenizer -> train.bin, val.bin, meta.js
     python prepare.py --dataset=notes --input=notes/,extra.md
 
 Every document starts with <|endoftext|>. Splits are whole documents (plays, files, stories), or one file
-cut at 90%: no validation text reaches the tokenizer or train.bin. A failed or killed run leaves nothing
-that common.read_meta accepts; one prepare per folder at a time; a dataset of other text is replaced only
-with --force; downloads give up rather than hang, and keep nothing that failed a check.
+cut at 90%: no validation text reaches the tokenizer or train.bin. Files are renamed into place when complete,
+and a dataset of other text is replaced only with --force (more in docs/reliability.md).
 """
 
 import codecs
@@ -57,15 +56,11 @@ PIECE_CHARS = 2**20                    # long documents are tokenized in pieces 
 BATCH_CHARS = 8 * 2**20                # this much text at a time: memory stays bounded for any input size
 THREADS, PROGRESS_SECONDS = min(8, os.cpu_count() or 1), 10
 
-# A server that accepts the connection but never answers costs (1 + READ_RETRIES) * READ_TIMEOUT seconds.
-CONNECT_TIMEOUT, READ_TIMEOUT = 10, 15
+CONNECT_TIMEOUT, READ_TIMEOUT = 10, 15   # a server that never answers costs (1 + READ_RETRIES) * READ_TIMEOUT s
 CONNECT_RETRIES, READ_RETRIES, STATUS_RETRIES = 2, 2, 4   # the last for 429 and 5xx answers
 RETRY_BACKOFF = 1.0                    # seconds before the second retry, doubling after
 CHUNK_BYTES = 2**16                    # read from the network at a time: a cut loses at most this much
-# requests' timeouts bound each wait for a byte, not a server that sends one byte at a time:
-ANSWER_SECONDS = 150                   # the answer's headers must come within this, retries of busy answers included
-CHUNK_SECONDS = 60                     # and then every CHUNK_BYTES of the body within this
-RESUMES = 5                            # a stream cut mid-way is resumed at most this often, and only after progress
+STALL_SECONDS = 150                    # the headers (with retries), then each chunk, must come within this
 
 
 def main(argv):
@@ -157,11 +152,15 @@ def get_source(cfg, data_dir):
     elif cfg['dataset'] in DOWNLOADS:   # the dataset's own (train, val) files
         source['train'] = lambda: file_pieces(paths[0], max_docs=max_docs)
         source['val'] = lambda: file_pieces(paths[1], max_docs=max_docs)
-    else:   # one document per file (play), whole ones held out
-        train, val = split_docs(files[:max_docs or None], cfg['val_docs'], 'files' if cfg['input'] else 'plays')
-        source['val_names'] = [name for name, _, _ in val]
-        source['train'] = lambda: (piece for _, path, _ in train for piece in read(path))
-        source['val'] = lambda: (piece for _, path, _ in val for piece in read(path))
+    else:   # one document per file (play): val_docs of them, spread evenly over the list, are held out
+        files, k = files[:max_docs or None], cfg['val_docs']
+        if k >= len(files):
+            raise UserError(f"val_docs={k} leaves no training {'files' if cfg['input'] else 'plays'} out of "
+                            f"{len(files)}: lower --val_docs (or raise --max_docs)")
+        held = {int((i + 0.5) * len(files) / k) for i in range(k)}
+        source['val_names'] = [name for i, (name, _, _) in enumerate(files) if i in held]
+        source['train'] = lambda: (piece for i, (_, p, _) in enumerate(files) if i not in held for piece in read(p))
+        source['val'] = lambda: (piece for i, (_, p, _) in enumerate(files) if i in held for piece in read(p))
     return source
 
 
@@ -189,24 +188,13 @@ def play_text(md):
     return re.sub(r'\n{3,}', '\n\n', '\n'.join(lines)).strip() + '\n'
 
 
-def split_docs(docs, val_docs, what):
-    """(train, val): val_docs documents spread evenly over the list are held out."""
-    n = len(docs)
-    if val_docs >= n:
-        raise UserError(f"val_docs={val_docs} leaves no training {what} out of {n}: lower --val_docs "
-                        f"(or raise --max_docs)")
-    val = {int((i + 0.5) * n / val_docs) for i in range(val_docs)}
-    return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
-
-
 def input_files(spec):
     """--input: comma-separated files and folders (a folder: its .txt and .md files, recursively, sorted)."""
     paths = []
     for item in filter(None, (s.strip() for s in spec.split(','))):
-        if not os.path.exists(item):
-            raise UserError(f"--input: {item} not found")
-        if not os.path.isdir(item) and not os.path.isfile(item):   # a pipe or a device would never end
-            raise UserError(f"--input: {item} is not a regular file or folder")
+        if not os.path.isdir(item) and not os.path.isfile(item):   # missing, or a pipe or device that never ends
+            what = "is not a regular file or folder" if os.path.exists(item) else "not found"
+            raise UserError(f"--input: {item} {what}")
         paths += [item] if not os.path.isdir(item) else sorted(
             os.path.join(root, f) for root, _, names in os.walk(item) for f in names
             if f.endswith(('.txt', '.md')) and os.path.isfile(os.path.join(root, f)))
@@ -253,19 +241,17 @@ def file_pieces(path, start=0, end=None, max_docs=0):
     yield from flush(doc_ends=True)
 
 
-def checked_sha256(path, check_text=True):
-    """The file's sha256, after checking (unless told not to) that all of it is UTF-8 text."""
+def checked_sha256(path):
+    """The file's sha256, after checking that all of it is UTF-8 text without NUL bytes."""
     sha, decoder, offset = hashlib.sha256(), codecs.getincrementaldecoder('utf-8')(), 0
     with open(path, 'rb') as f:
         for block in itertools.chain(iter(lambda: f.read(2**24), b''), [b'']):   # b'': the end
-            nul = block.find(b'\0') if check_text else -1
-            try:   # the text before a NUL byte, so that the first problem is the one reported
-                if check_text:
-                    decoder.decode(block[:nul] if nul >= 0 else block, final=not block or nul >= 0)
-            except UnicodeDecodeError as e:
-                nul, problem = -1, f"invalid UTF-8 at offset {max(offset + e.start, 0):,}"
-            else:
+            try:
+                decoder.decode(block, final=not block)
+                nul = block.find(b'\0')
                 problem = nul >= 0 and f"NUL byte at offset {offset + nul:,}"
+            except UnicodeDecodeError as e:
+                problem = f"invalid UTF-8 at offset {max(offset + e.start, 0):,}"
             if problem:
                 raise UserError(f"{path} is not text ({problem}): prepare.py needs UTF-8 text")
             sha.update(block)
@@ -371,34 +357,29 @@ def write_tokens(enc, pieces, path, dtype, label):
 
 def fetch(url, path, sha256='', force=False):
     """The sha256 of url's text, downloaded to path unless a checked copy is there (and not force), via
-    path + '.part', resumed with HTTP Range after a cut. A file that fails a check is deleted."""
+    path + '.part'; a run after a cut resumes it with HTTP Range. A file that fails a check is deleted."""
     part = path + '.part'
-    if os.path.exists(path) and not force:   # with force, the new download replaces it once it passes its checks
-        sha = checked_sha256(path, check_text=False)   # checked when it was downloaded
+    if os.path.exists(path) and not force:   # otherwise a new download replaces it once it passes its checks
+        sha = checked_sha256(path)
         if not sha256 or sha == sha256:
             return sha
         print(f"{path} does not match sha256 {sha256}: downloading it again")
-        os.remove(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     print(f"downloading {url} to {path}")
-    # urllib3 retries connection errors, 429 and 5xx; this loop only resumes a stream cut mid-way
+    # urllib3 retries connection errors, 429 and 5xx; a stream cut mid-way is resumed by the next run
     retry = urllib3.Retry(total=None, connect=CONNECT_RETRIES, read=READ_RETRIES, status=STATUS_RETRIES, other=0,
                           status_forcelist=(429, 500, 502, 503, 504), backoff_factor=RETRY_BACKOFF, backoff_max=30,
                           retry_after_max=30, raise_on_status=False, allowed_methods={'GET'})
     with requests.Session() as session:
         for scheme in ('http://', 'https://'):
             session.mount(scheme, requests.adapters.HTTPAdapter(max_retries=retry))
-        for resume in range(RESUMES + 1):
-            have = os.path.getsize(part) if os.path.exists(part) else 0
-            try:
-                download_once(session, url, part, have)
-                break
-            except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
-                got = os.path.getsize(part) if os.path.exists(part) else 0
-                if got <= have or resume == RESUMES:
-                    raise UserError(f"download of {url} broke off at {got:,} bytes: run again to resume") from None
-            finally:
-                watchdog(0)
+        try:
+            download_once(session, url, part, os.path.getsize(part) if os.path.exists(part) else 0)
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
+            got = os.path.getsize(part) if os.path.exists(part) else 0
+            raise UserError(f"download of {url} broke off at {got:,} bytes: run again to resume") from None
+        finally:
+            watchdog(0)
     try:
         sha = checked_sha256(part)
         if sha256 and sha != sha256:
@@ -412,17 +393,16 @@ def fetch(url, path, sha256='', force=False):
 
 
 def download_once(session, url, part, have):
-    """One request, appended to part. A cut raises requests' error (to resume); all else is a UserError."""
+    """One request, appended to part. A cut raises requests' error; all else is a UserError."""
     host = urlparse(url).netloc
-    slow = f"{host} is too slow (under {CHUNK_BYTES // 1024} KB in {{}} s): try again later"
+    slow = f"{host} is too slow (under {CHUNK_BYTES // 1024} KB in {STALL_SECONDS} s): try again later"
     # identity: no compression, so offsets count the bytes stored
     headers = {'Accept-Encoding': 'identity', **({'Range': f'bytes={have}-'} if have else {})}
     try:
-        watchdog(ANSWER_SECONDS, slow.format(ANSWER_SECONDS))
+        watchdog(STALL_SECONDS, slow)
         r = session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
-    except (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout) as e:
-        reason = getattr(e.args[0], 'reason', None) if e.args else None   # what urllib3 gave up on
-        if isinstance(e, requests.exceptions.ReadTimeout) or isinstance(reason, urllib3.exceptions.ReadTimeoutError):
+    except requests.exceptions.ConnectionError as e:
+        if isinstance(getattr(e.args[0], 'reason', None), urllib3.exceptions.ReadTimeoutError):   # urllib3 gave up
             raise UserError(f"{host} accepted the connection but did not answer within {READ_TIMEOUT}s "
                             f"({1 + READ_RETRIES} tries): try again later") from None
         raise UserError(f"cannot reach {host} (offline?): `python prepare.py` uses the bundled Shakespeare "
@@ -438,32 +418,27 @@ def download_once(session, url, part, have):
             busy = r.status_code == 429 or r.status_code >= 500
             fix = f"still failing after {STATUS_RETRIES} retries: try again later" if busy else "check the URL"
             raise UserError(f"{url}: HTTP {r.status_code} {r.reason} ({fix})")
+        if 'text/html' in r.headers.get('Content-Type', ''):
+            raise UserError(f"{url} is a web page, not text: give the link to its raw text instead")
         if r.status_code == 200:
             have = 0   # the whole file (also from a server that ignores Range)
         total = have + int(r.headers['Content-Length']) if 'Content-Length' in r.headers else None
         shown = time.time()
         with open(part, 'ab' if have else 'wb') as f:
-            watchdog(CHUNK_SECONDS, slow.format(CHUNK_SECONDS))
+            watchdog(STALL_SECONDS, slow)   # the first chunk gets as long as every later one
             for chunk in r.iter_content(CHUNK_BYTES):
-                watchdog(CHUNK_SECONDS, slow.format(CHUNK_SECONDS))
-                if f.tell() == 0 and ('text/html' in r.headers.get('Content-Type', '')
-                                      or re.match(rb'\s*<(!doctype html|html)', chunk, re.IGNORECASE)):
-                    f.close()   # a web page is refused at its first block, not after gigabytes
-                    os.remove(part)
-                    raise UserError(f"{url} is a web page, not text: prepare.py needs a UTF-8 text file (for a "
-                                    f"web page, the link to its raw text)")
+                watchdog(STALL_SECONDS, slow)
                 f.write(chunk)
                 if time.time() - shown > PROGRESS_SECONDS:
                     shown = time.time()
                     print(f"  {f.tell() / 1e6:,.0f} of {f'{total / 1e6:,.0f}' if total else '?'} MB", flush=True)
-            size = f.tell()
-    if total is not None and size < total:
-        raise requests.exceptions.ChunkedEncodingError(f"got {size:,} of {total:,} bytes")
+            if total is not None and f.tell() < total:   # the server hung up early: the next run resumes
+                raise requests.exceptions.ChunkedEncodingError(f"got {f.tell():,} of {total:,} bytes")
 
 
 def watchdog(seconds, message=''):
-    """Raise UserError(message) in seconds unless called again first; watchdog(0) disarms. Only where
-    SIGALRM works (Unix, the main thread); elsewhere requests' own timeouts are all there is."""
+    """Raise UserError(message) in seconds unless called again first; watchdog(0) disarms. It bounds what
+    requests' timeouts do not, a server that drips bytes; only where SIGALRM works (Unix, the main thread)."""
     def fire(signum, frame):
         raise UserError(message)
     if hasattr(signal, 'setitimer') and threading.current_thread() is threading.main_thread():
