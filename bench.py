@@ -319,14 +319,14 @@ def row_mla_decode_vs_latent(args, device, out):
         cache = model.new_cache(1)
         with torch.no_grad(), ctx:
             logits, _ = model(prompt, cache=cache)
-        filled, n_tokens, sums = cache.len, cache.n_tokens.clone(), list(cache.router_sums)
+        prefilled = cache.mark()
 
         def run():
             with torch.no_grad(), ctx:
                 token = logits[:, -1:].argmax(-1)
                 for _ in range(n):
                     token = model(token, cache=cache)[0][:, -1:].argmax(-1)
-            cache.len, cache.n_tokens, cache.router_sums = filled, n_tokens.clone(), list(sums)   # back to the prompt
+            cache.rewind(prefilled)
         return run
     for T, suffix in ((min(1000, base.block_size - n), ''), (16, '_ctx16')):
         prompt = torch.randint(base.vocab_size, (1, T), device=device)

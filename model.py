@@ -434,6 +434,15 @@ class KVCache:
             buf[:, self.start:self.len] = x
         return [buf[:, :self.len] for buf in self.buffers[layer]]
 
+    def mark(self):
+        """The point to rewind to: decode several continuations of one prefilled prompt."""
+        return self.len, self.padded, self.n_tokens.clone(), list(self.router_sums)
+
+    def rewind(self, mark):
+        """Forget every token added since mark(); their slots are overwritten by the next ones."""
+        self.len, self.padded, n_tokens, sums = mark
+        self.start, self.n_tokens, self.router_sums = self.len, n_tokens.clone(), list(sums)
+
 
 def attention_layout(key_valid, T, padded, first):
     """How T new tokens attend to S = key_valid.size(1) key slots (latents, earlier tokens, themselves):

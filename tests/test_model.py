@@ -759,6 +759,23 @@ def test_cache_multi_token_chunk_is_causal(variant):
 
 
 @variants
+def test_cache_rewind_decodes_again_from_the_prompt(variant):
+    """mark() after the prompt, rewind() after a continuation: another continuation then sees the prompt
+    alone (keys, positions and the routers' running means), as in a fresh cache."""
+    m = make_model(variant)
+    idx = tokens((2, 12), 19)
+    full, _ = m(idx)
+    cache = m.new_cache(2)
+    m(idx[:, :5], cache=cache)
+    prompt = cache.mark()
+    m(tokens((2, 4), 20), cache=cache)   # a continuation to forget
+    cache.rewind(prompt)
+    for t in range(5, 12):
+        step, _ = m(idx[:, t:t + 1], cache=cache)
+        torch.testing.assert_close(step[:, 0], full[:, t], atol=ATOL, rtol=ATOL)
+
+
+@variants
 @pytest.mark.parametrize('use_cache', [True, False])
 def test_left_padded_batch_generation_matches_single_rows(variant, use_cache):
     m = make_model(variant)
