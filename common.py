@@ -394,13 +394,18 @@ def load_tokenizer(spec):
                              special_tokens={EOT: len(ranks)})
 
 
-def token_bytes(enc, token_id):
-    """The bytes of one token; b'' for an id the tokenizer lacks: past its end (the model's vocabulary is
-    padded) or in a gap of its numbering (cl100k_base and o200k_base leave some ids unused)."""
-    try:
-        return enc.decode_single_token_bytes(token_id)
-    except KeyError:
-        return b''
+def text_bytes(enc, n):
+    """The bytes that each token id 0..n-1 adds to the text. Special tokens (<|endoftext|>) add none, nor do
+    ids the tokenizer lacks: past its end (the model's vocabulary is padded) or in a gap of its numbering
+    (cl100k_base and o200k_base leave some ids unused)."""
+    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+
+    def of(i):
+        try:
+            return b'' if i in special else enc.decode_single_token_bytes(i)
+        except KeyError:
+            return b''
+    return [of(i) for i in range(n)]
 
 
 def pretrained_encoding(name):

@@ -106,10 +106,10 @@ def main(argv):
         pass
     torch.manual_seed(cfg['seed'])
     common.sync(device_type)
-    t0, n_new, texts = time.time(), 0, []
+    t0, n_new, texts, token_text = time.time(), 0, [], common.text_bytes(enc, mconf.vocab_size)
     for i, prompt_ids in enumerate(ids):
         print(f"--- sample {i + 1} ---", flush=True)
-        text = Printer(enc)
+        text = Printer(token_text)
         text.add(prompt_ids)
         for token in tokens(prompt_ids, cfg['max_new_tokens']):
             n_new += 1   # the <|endoftext|> that ends a sample was generated too
@@ -126,18 +126,15 @@ def main(argv):
 
 
 class Printer:
-    """Writes tokens to stdout as text while they come. A token can end inside a UTF-8 character, so
-    bytes go through an incremental decoder; <|endoftext|> and ids the tokenizer lacks (a padded vocabulary,
-    gaps in a tokenizer's numbering) have no text."""
+    """Writes tokens to stdout as text while they come, given each id's bytes (common.text_bytes). A token
+    can end inside a UTF-8 character, so bytes go through an incremental decoder."""
 
-    def __init__(self, enc):
-        self.enc, self.parts = enc, []
+    def __init__(self, token_text):
+        self.token_text, self.parts = token_text, []
         self.decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-        self.skip = {enc.encode_single_token(s) for s in enc.special_tokens_set}
 
     def add(self, token_ids):
-        data = b''.join(common.token_bytes(self.enc, t) for t in token_ids if t not in self.skip)
-        self.write(self.decoder.decode(data))
+        self.write(self.decoder.decode(b''.join(self.token_text[t] for t in token_ids)))
 
     def write(self, s):
         self.parts.append(s)

@@ -194,7 +194,9 @@ def main(argv):
             model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
 
     enc = common.load_tokenizer(tok_spec)
-    token_bytes = token_byte_lengths(enc, mconf.vocab_size).to(dev)
+    # bits per byte: each target's UTF-8 bytes, 0 for <|endoftext|>
+    token_bytes = torch.tensor([len(b) for b in common.text_bytes(enc, mconf.vocab_size)], dtype=torch.float32,
+                               device=dev)
     block_size = mconf.block_size
     tokens_per_iter = cfg['batch_size'] * block_size * cfg['gradient_accumulation_steps'] * world
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter / world   # per process
@@ -433,13 +435,6 @@ def evaluate(model, raw_model, data, dtype, cfg, block_size, dev, autocast, toke
     raw_model.reset_expert_counts()
     model.train()
     return out
-
-
-def token_byte_lengths(enc, n):
-    """UTF-8 bytes of each token id (0 for special tokens and ids the tokenizer lacks), for bits per byte."""
-    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
-    return torch.tensor([0 if i in special else len(common.token_bytes(enc, i)) for i in range(n)],
-                        dtype=torch.float32)
 
 
 def keep_log_until(path, iter_num):

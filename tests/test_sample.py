@@ -246,7 +246,7 @@ def test_printer_skips_ids_the_tokenizer_lacks(capsys):
     import tiktoken
     enc = tiktoken.Encoding('bytes', pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
                             special_tokens={EOT: 300})
-    printer = sample.Printer(enc)
+    printer = sample.Printer(common.text_bytes(enc, 401))
     for ids in ([ord('c'), ord('a'), 0xC3], [270, 300, 0xA9, 299, 400], [ord('!')]):
         printer.add(ids)
     assert capsys.readouterr().out == 'caé!' and ''.join(printer.parts) == 'caé!'

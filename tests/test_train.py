@@ -405,7 +405,7 @@ def test_bits_per_byte_is_nats_over_the_text_bytes(tmp_path):
     model = DeepSeekLM(ModelConfig(vocab_size=320, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, head_dim=16,
                                    n_latent=2, n_expert=2, n_expert_active=1, expert_hidden=32, block_size=16))
     cfg = {'seed': 3, 'eval_iters': 2, 'batch_size': 3}
-    token_bytes = train.token_byte_lengths(enc, 320)
+    token_bytes = torch.tensor([len(b) for b in common.text_bytes(enc, 320)], dtype=torch.float32)
     assert token_bytes[300] == 0 and token_bytes[270] == 0 and token_bytes[0xC3] == 1
     out = train.evaluate(model, model, data, np.uint16, cfg, 16, 'cpu', nullcontext(), token_bytes)
     # the reference: the same windows, full logits, tiktoken's bytes
