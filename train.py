@@ -130,10 +130,9 @@ def main(argv):
     meta = common.read_meta(ddir)
     tok_spec = common.tokenizer_spec(ddir, meta)
     data = {s: os.path.join(ddir, f'{s}.bin') for s in ('train', 'val')}
-    check_data(ddir, meta, data, model_args)
     if ckpt is not None and (ckpt['tokenizer'] != tok_spec or ckpt['data']['source'] != meta['source']['sha256']):
-        raise UserError(f"{ddir} is not the data {ckpt_path} was trained on ({ckpt['data']['dir']}, another "
-                        f"tokenizer or text): resume with --data_dir={ckpt['data']['dir']}")
+        check_same_data(ckpt, ckpt_path, ddir)
+    check_data(ddir, meta, data, model_args)
     mconf = ModelConfig(**model_args)
     check_memory(mconf, dev, device_type, out)
     if master:   # one run per out_dir at a time, and a finished run is never replaced by accident
@@ -212,7 +211,7 @@ def main(argv):
     def save(path, with_optimizer):
         ck = {'model': raw_model.state_dict(), 'model_args': dataclasses.asdict(mconf), 'iter_num': iter_num,
               'best_val_loss': best_val, 'config': cfg, 'tokenizer': tok_spec,
-              'data': {'dir': ddir, 'source': meta['source']['sha256']}}
+              'data': {'dir': ddir, 'source': meta['source']['sha256'], 'prepared_with': meta['config']}}
         if with_optimizer:
             ck['optimizer'] = [opt.state_dict() for opt in optimizers]
             ck['scaler'] = scaler.state_dict() if scaler.is_enabled() else None
@@ -340,6 +339,18 @@ def check_resume(ckpt, path, cfg, given):
         raise UserError(f"{path} is at iter {ckpt['iter_num']} and max_iters is {cfg['max_iters']}: nothing to "
                         f"train; raise --max_iters to continue")
     return args
+
+
+def check_same_data(ckpt, path, ddir):
+    """A resume needs the very tokens it was trained on: say where they are, or how to make them again."""
+    if os.path.normpath(ckpt['data']['dir']) != os.path.normpath(ddir):
+        fix = f"resume with --data_dir={ckpt['data']['dir']}"
+    else:   # prepared again in place, e.g. with another vocab_size: the same settings make the same files
+        settings = {**ckpt['data'].get('prepared_with', {}), 'data_dir': ddir}
+        redo = [f"--{k}={v}" for k, v in settings.items() if common.DATASET_DEFAULTS.get(k) != v]
+        fix = (f"prepare it as it was (`python prepare.py {' '.join(redo + ['--force'])}`), or train a new model "
+               f"into another --out_dir")
+    raise UserError(f"{ddir} is not the data {path} was trained on (another tokenizer or text): {fix}")
 
 
 def check_data(ddir, meta, data, model_args):

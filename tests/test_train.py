@@ -4,6 +4,7 @@ rejection is one stderr line with exit code 2."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -80,6 +81,7 @@ def one_line_error(p, message):
     assert p.returncode == 2, p.stdout + p.stderr
     assert message in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    return p.stderr
 
 
 def test_loss_falls_and_log_has_fields(data_dir, tmp_path):
@@ -229,13 +231,32 @@ def test_a_finished_run_is_left_alone(finished, extra, message):
     assert snapshot(out) == before
 
 
-def test_resume_refuses_other_data_damaged_or_incomplete_checkpoints(finished, tmp_path):
+def test_resume_after_the_data_was_prepared_again_says_how_to_remake_it(tmp_path):
+    """Data prepared again in place with another vocab_size: the advice is the prepare command that makes
+    the checkpoint's data again (not --vocab_size, which the checkpoint fixes), and it works."""
+    d, out = str(tmp_path / 'data'), str(tmp_path / 'out')
+    data_args = [f'--data_dir={d}', '--max_docs=4', '--val_docs=1']
+    prepare.main([*data_args, '--vocab_size=400'])
+    run_train(*TINY, f'--data_dir={d}', f'--out_dir={out}', '--vocab_size=400', '--max_iters=2', '--eval_interval=2')
+    prepare.main([*data_args, '--vocab_size=300', '--force'])
+    resume = [f'--out_dir={out}', '--init_from=resume', '--max_iters=4', '--device=cpu', '--compile=False']
+    err = one_line_error(run_train(*resume, check=False), f"{d} is not the data {out}/ckpt.pt was trained on")
+    redo = re.search(r"`python prepare.py (.*)`", err).group(1).split()
+    assert sorted(redo) == sorted([*data_args, '--vocab_size=400', '--force'])
+    prepare.main(redo)
+    run_train(*resume)
+    assert max(r['iter'] for r in read_log(out)) == 4
+
+
+def test_resume_refuses_other_data_damaged_or_incomplete_checkpoints(finished, data_dir, tmp_path):
     out, args = finished
     other = str(tmp_path / 'other')
     prepare.main([f'--data_dir={other}', '--max_docs=5', '--val_docs=1', '--vocab_size=400'])
     copy = copy_files(out, str(tmp_path / 'copy'), ['ckpt.pt', 'log.jsonl'])
     resume = [*args, f'--out_dir={copy}', '--init_from=resume', '--max_iters=12']
-    one_line_error(run_train(*resume, f'--data_dir={other}', check=False), 'is not the data')
+    one_line_error(run_train(*resume, f'--data_dir={other}', check=False),
+                   f"is not the data {copy}/ckpt.pt was trained on (another tokenizer or text): resume with "
+                   f"--data_dir={data_dir}")
     ckpt = os.path.join(copy, 'ckpt.pt')
     data = bytearray(open(ckpt, 'rb').read())
     data[len(data) // 2:len(data) // 2 + 8] = bytes(8 * [0x5A])   # bytes overwritten in the middle
