@@ -457,8 +457,7 @@ def save_checkpoint(ckpt, path):
         kept = f"{path} is unchanged" if os.path.exists(path) else "no checkpoint was written"
         raise UserError(f"cannot write {tmp} ({reason}): free disk space or choose another --out_dir ({kept})") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove(tmp)
 
 
 def load_checkpoint(path, parts=('model',)):
@@ -546,6 +545,12 @@ def lock_folder(path, what, shared=False):
     return f
 
 
+def remove(*paths):
+    """Delete those of the files that exist."""
+    for path in filter(os.path.exists, paths):
+        os.remove(path)
+
+
 def write_atomic(path, data):
     """Write bytes to path + '.tmp', flush it to disk, rename it over path."""
     tmp = path + '.tmp'
@@ -556,5 +561,4 @@ def write_atomic(path, data):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove(tmp)

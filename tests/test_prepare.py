@@ -474,7 +474,7 @@ def test_download_resumes_after_a_cut(web, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, 'CHUNK_BYTES', 4096)
     sizes = []
     for _ in range(2):
-        with pytest.raises(UserError, match=r"download of .*/play.txt broke off at [\d,]+ bytes: run again to resume"):
+        with pytest.raises(UserError, match=r"download of .*/play.txt broke off: run again to resume it \(kept in "):
             prepare.fetch(url, path)
         sizes.append(os.path.getsize(path + '.part'))
         assert not os.path.exists(path)
@@ -482,6 +482,11 @@ def test_download_resumes_after_a_cut(web, tmp_path, monkeypatch):
     assert prepare.fetch(url, path) == hashlib.sha256(data).hexdigest()   # the third run finishes it
     assert open(path, 'rb').read() == data and not os.path.exists(path + '.part')
     assert [r for _, r in web.log] == [None, f'bytes={sizes[0]}-', f'bytes={sizes[1]}-']   # each asks only for the rest
+    web.cut['/play.txt'], web.log[:] = 1, []   # --force starts afresh, not from an old .part
+    with pytest.raises(UserError, match="broke off"):
+        prepare.fetch(url, path, force=True)
+    assert prepare.fetch(url, path, force=True) == hashlib.sha256(data).hexdigest()
+    assert [r for _, r in web.log] == [None, None] and open(path, 'rb').read() == data
 
 
 def test_download_retries_5xx_then_succeeds(web, tmp_path):
@@ -507,7 +512,8 @@ def test_download_404_sha_mismatch_binary_and_html_are_refused(web, tmp_path):
     for data, kind, problem in [(b'\x89PNG\r\n\x1a\n\0\0\0\rIHDR' * 100, 'image/png', r"not text \(invalid UTF-8 at offset 0\)"),
                                 (b'PNG\r\n\x1a\n\0\0\0\rIHDR' * 100, 'image/png', r"not text \(NUL byte at offset 7\)"),
                                 (b'caf\xe9 au lait\n', 'text/plain', r"not text \(invalid UTF-8 at offset 3\)"),
-                                (b'<h1>Hi</h1>', 'text/html; charset=utf-8', r"is a web page, not text.*raw text")]:
+                                (b'<h1>Hi</h1>', 'text/html; charset=utf-8', r"not text \(a web page: .*raw text"),
+                                (b'\n <!DOCTYPE html>\n<html>', 'text/plain', r"not text \(a web page: .*raw text")]:
         url = serve(web, '/x.txt', data, kind)
         with pytest.raises(UserError, match=problem):
             prepare.fetch(url, path)
@@ -579,6 +585,18 @@ def test_download_gives_up_on_a_server_that_drips(tmp_path, monkeypatch):
         stop.set()
         server.join(5)
         stop.clear()
+
+    def serve_steadily():   # slow but steady: a block every 0.4 s, 2.4 s in all, is not given up on
+        conn, _ = drip.accept()
+        conn.recv(4096)
+        conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6144\r\n\r\n')
+        for _ in range(6):
+            time.sleep(0.4)
+            conn.sendall(b'y' * 1023 + b'\n')
+        conn.close()
+    threading.Thread(target=serve_steadily, daemon=True).start()
+    assert prepare.fetch(f'http://127.0.0.1:{port}/steady.txt', str(tmp_path / 'raw' / 'steady.txt')) == \
+        hashlib.sha256((b'y' * 1023 + b'\n') * 6).hexdigest()
     drip.close()
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)   # nothing left armed
 
