@@ -14,6 +14,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -130,7 +131,8 @@ def main(argv):
     meta = common.read_meta(ddir)
     tok_spec = common.tokenizer_spec(ddir, meta)
     data = {s: os.path.join(ddir, f'{s}.bin') for s in ('train', 'val')}
-    if ckpt is not None and (ckpt['tokenizer'] != tok_spec or ckpt['data']['source'] != meta['source']['sha256']):
+    if ckpt is not None and (ckpt['tokenizer'] != tok_spec or ckpt['data']['source'] != meta['source']['sha256']
+                             or ckpt['data'].get('prepared_with', meta['config']) != meta['config']):   # the split
         check_same_data(ckpt, ckpt_path, ddir)
     check_data(ddir, meta, data, model_args)
     mconf = ModelConfig(**model_args)
@@ -223,9 +225,7 @@ def main(argv):
         if start_iter:
             keep_log_until(log_path, start_iter)   # a killed run logged steps past its checkpoint
         else:
-            for path in (ckpt_path, best_path, log_path):   # --overwrite: a new run starts a new record
-                if os.path.exists(path):
-                    os.remove(path)
+            common.remove(ckpt_path, best_path, log_path)   # --overwrite: a new run starts a new record
         print(f"model: {raw_model.num_params():,} parameters, {raw_model.num_params(active=True):,} active per token | "
               f"{mconf.attention} attention, {mconf.n_layer} layers, {mconf.n_expert} experts top-{mconf.n_expert_active}")
         print(f"data: {ddir} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {meta['n_vocab']})")
@@ -343,14 +343,16 @@ def check_resume(ckpt, path, cfg, given):
 
 def check_same_data(ckpt, path, ddir):
     """A resume needs the very tokens it was trained on: say where they are, or how to make them again."""
-    if os.path.normpath(ckpt['data']['dir']) != os.path.normpath(ddir):
+    if os.path.realpath(ckpt['data']['dir']) != os.path.realpath(ddir):
         fix = f"resume with --data_dir={ckpt['data']['dir']}"
+    elif 'prepared_with' not in ckpt['data']:   # written before checkpoints recorded it
+        fix = "prepare it again with the settings it had, or train a new model into another --out_dir"
     else:   # prepared again in place, e.g. with another vocab_size: the same settings make the same files
-        settings = {**ckpt['data'].get('prepared_with', {}), 'data_dir': ddir}
-        redo = [f"--{k}={v}" for k, v in settings.items() if common.DATASET_DEFAULTS.get(k) != v]
+        settings = {**ckpt['data']['prepared_with'], 'data_dir': ddir}
+        redo = [shlex.quote(f"--{k}={v}") for k, v in settings.items() if common.DATASET_DEFAULTS.get(k) != v]
         fix = (f"prepare it as it was (`python prepare.py {' '.join(redo + ['--force'])}`), or train a new model "
                f"into another --out_dir")
-    raise UserError(f"{ddir} is not the data {path} was trained on (another tokenizer or text): {fix}")
+    raise UserError(f"{ddir} is not the data {path} was trained on (another tokenizer, text or split): {fix}")
 
 
 def check_data(ddir, meta, data, model_args):

@@ -243,6 +243,14 @@ def test_resume_after_the_data_was_prepared_again_says_how_to_remake_it(tmp_path
     err = one_line_error(run_train(*resume, check=False), f"{d} is not the data {out}/ckpt.pt was trained on")
     redo = re.search(r"`python prepare.py (.*)`", err).group(1).split()
     assert sorted(redo) == sorted([*data_args, '--vocab_size=400', '--force'])
+    os.symlink(d, tmp_path / 'link')   # the same folder by another name: the same advice
+    err = one_line_error(run_train(*resume, f'--data_dir={tmp_path / "link"}', check=False), 'prepare it as it was')
+    prepare.main(redo)
+    meta_path = os.path.join(d, 'meta.json')
+    meta = json.load(open(meta_path))
+    meta['config']['val_docs'] = 2   # the same files, said to be split otherwise: refused too
+    open(meta_path, 'w').write(json.dumps(meta))
+    one_line_error(run_train(*resume, check=False), "(another tokenizer, text or split): prepare it as it was")
     prepare.main(redo)
     run_train(*resume)
     assert max(r['iter'] for r in read_log(out)) == 4
@@ -255,8 +263,8 @@ def test_resume_refuses_other_data_damaged_or_incomplete_checkpoints(finished, d
     copy = copy_files(out, str(tmp_path / 'copy'), ['ckpt.pt', 'log.jsonl'])
     resume = [*args, f'--out_dir={copy}', '--init_from=resume', '--max_iters=12']
     one_line_error(run_train(*resume, f'--data_dir={other}', check=False),
-                   f"is not the data {copy}/ckpt.pt was trained on (another tokenizer or text): resume with "
-                   f"--data_dir={data_dir}")
+                   f"is not the data {copy}/ckpt.pt was trained on (another tokenizer, text or split): resume "
+                   f"with --data_dir={data_dir}")
     ckpt = os.path.join(copy, 'ckpt.pt')
     data = bytearray(open(ckpt, 'rb').read())
     data[len(data) // 2:len(data) // 2 + 8] = bytes(8 * [0x5A])   # bytes overwritten in the middle
