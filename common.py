@@ -12,6 +12,7 @@ import inspect
 import json
 import math
 import os
+import shlex
 import sys
 import traceback
 import zlib
@@ -277,8 +278,8 @@ def gpu_peak_flops(device_type):
 
 def keep_freed_memory():
     """On Linux/glibc, keep freed memory in the process instead of handing it back to the OS. glibc maps
-    every block over 32 MB (the logits, their gradient) fresh and unmaps it on free, so each CPU step
-    would page-fault through them again. A no-op elsewhere."""
+    large blocks (all over 32 MB: a layer's activations at a large batch) fresh and unmaps them on free, so
+    each CPU step would page-fault through them again. A no-op elsewhere."""
     if not sys.platform.startswith('linux'):
         return
     try:
@@ -316,8 +317,13 @@ def data_dir_of(cfg):
     return cfg.get('data_dir') or os.path.join('data', cfg.get('dataset') or DATASET_DEFAULTS['dataset'])
 
 
-def prepare_command(data_dir):
-    """The prepare command that most likely makes data_dir, for error messages."""
+def prepare_command(data_dir, config_files=(), settings=None):
+    """The prepare command that makes data_dir, for error messages: given a training run's data settings,
+    its config files plus the settings they do not make; otherwise a guess from the folder's name."""
+    if settings is not None:
+        made, _ = parse_config(list(config_files), DATASET_DEFAULTS, skip_file_keys=True)
+        extra = [f'--{k}={v}' for k, v in settings.items() if k in made and v != made[k]]
+        return shlex.join(['python', 'prepare.py', *config_files, *extra])
     norm = os.path.normpath(data_dir)
     if norm == os.path.join('data', 'shakespeare'):
         return 'python prepare.py'
@@ -330,10 +336,11 @@ META_TYPES = {'format': int, 'dataset': str, 'source': dict, 'tokenizer': dict, 
               'eot_id': int, 'train_tokens': int, 'val_tokens': int, 'config': dict}
 
 
-def read_meta(data_dir):
+def read_meta(data_dir, command=None):
     """data_dir/meta.json, checked: every field of the right type, and .bin files of the promised sizes.
-    A dataset whose meta.json is missing, old or inconsistent is a UserError that says how to redo it."""
-    redo = f"run `{prepare_command(data_dir)}`"
+    A dataset whose meta.json is missing, old or inconsistent is a UserError that says how to redo it
+    (with command, the prepare command, where the caller knows it)."""
+    redo = f"run `{command or prepare_command(data_dir)}`"
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
         raise UserError(f"no dataset in {data_dir}: {redo} first")
@@ -365,21 +372,21 @@ def read_meta(data_dir):
     return meta
 
 
-def tokenizer_spec(data_dir, meta):
+def tokenizer_spec(data_dir, meta, command=None):
     """The dataset's tokenizer as plain values (str, int, dict): it rides in checkpoints (safe to load
     with weights_only=True), so sampling works where prepare.py never ran. Inverse: load_tokenizer()."""
     tok = meta['tokenizer']
     if tok.get('kind') == 'tiktoken':
         return dict(kind='tiktoken', name=tok['name'], n_vocab=meta['n_vocab'])
     path = os.path.join(data_dir, RANKS_FILE)
+    redo = f"run `{command or prepare_command(data_dir)}` with --force"
     try:
         with open(path, encoding='ascii') as f:
             ranks = f.read()
     except (OSError, UnicodeDecodeError):
-        raise UserError(f"{path} is missing or damaged: run `{prepare_command(data_dir)}` with --force") from None
+        raise UserError(f"{path} is missing or damaged: {redo}") from None
     if zlib.crc32(ranks.encode()) != tok.get('ranks_crc32'):
-        raise UserError(f"{path} does not match meta.json (edited or damaged): run "
-                        f"`{prepare_command(data_dir)}` with --force")
+        raise UserError(f"{path} does not match meta.json (edited or damaged): {redo}")
     return dict(kind='bpe', name=tok['name'], pattern=tok['pattern'], ranks=ranks, n_vocab=meta['n_vocab'])
 
 

@@ -14,7 +14,6 @@ import gc
 import json
 import math
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -29,7 +28,7 @@ from model import DeepSeekLM, ModelConfig, max_violation
 
 # -----------------------------------------------------------------------------
 # defaults
-out_dir = 'out'
+out_dir = 'out-deepseek'   # the defaults are the full-size model; sample.py and plot_log.py look here too
 init_from = 'scratch'      # 'scratch' | 'resume' (continue from out_dir/ckpt.pt)
 overwrite = False          # let a fresh start replace the run already in out_dir
 eval_interval = 250
@@ -128,13 +127,15 @@ def main(argv):
         model_args = check_resume(ckpt, ckpt_path, cfg, given)
     ddir = common.data_dir_of(cfg)
     data_lock = common.lock_folder(ddir, 'training run', shared=True) if os.path.isdir(ddir) else None  # noqa: F841
-    meta = common.read_meta(ddir)
-    tok_spec = common.tokenizer_spec(ddir, meta)
+    config_files = [a for a in argv if not a.startswith('-') and os.path.isfile(a)]
+    prepare_cmd = common.prepare_command(ddir, config_files, cfg)   # for the messages: how to make this data
+    meta = common.read_meta(ddir, prepare_cmd)
+    tok_spec = common.tokenizer_spec(ddir, meta, prepare_cmd)
     data = {s: os.path.join(ddir, f'{s}.bin') for s in ('train', 'val')}
     if ckpt is not None and (ckpt['tokenizer'] != tok_spec or ckpt['data']['source'] != meta['source']['sha256']
                              or ckpt['data'].get('prepared_with', meta['config']) != meta['config']):   # the split
         check_same_data(ckpt, ckpt_path, ddir)
-    check_data(ddir, meta, data, model_args)
+    check_data(ddir, meta, data, model_args, prepare_cmd)
     mconf = ModelConfig(**model_args)
     check_memory(mconf, dev, device_type, out)
     if master:   # one run per out_dir at a time, and a finished run is never replaced by accident
@@ -348,14 +349,12 @@ def check_same_data(ckpt, path, ddir):
     elif 'prepared_with' not in ckpt['data']:   # written before checkpoints recorded it
         fix = "prepare it again with the settings it had, or train a new model into another --out_dir"
     else:   # prepared again in place, e.g. with another vocab_size: the same settings make the same files
-        settings = {**ckpt['data']['prepared_with'], 'data_dir': ddir}
-        redo = [shlex.quote(f"--{k}={v}") for k, v in settings.items() if common.DATASET_DEFAULTS.get(k) != v]
-        fix = (f"prepare it as it was (`python prepare.py {' '.join(redo + ['--force'])}`), or train a new model "
-               f"into another --out_dir")
+        redo = common.prepare_command(ddir, settings={**ckpt['data']['prepared_with'], 'data_dir': ddir})
+        fix = f"prepare it as it was (`{redo} --force`), or train a new model into another --out_dir"
     raise UserError(f"{ddir} is not the data {path} was trained on (another tokenizer, text or split): {fix}")
 
 
-def check_data(ddir, meta, data, model_args):
+def check_data(ddir, meta, data, model_args, prepare_cmd):
     if model_args['vocab_size'] < meta['n_vocab']:
         raise UserError(f"vocab_size {model_args['vocab_size']} is smaller than the tokenizer's {meta['n_vocab']} "
                         f"tokens in {ddir}: set --vocab_size={meta['n_vocab']} or more")
@@ -367,7 +366,7 @@ def check_data(ddir, meta, data, model_args):
         top = int(np.memmap(path, dtype=meta['dtype'], mode='r').max())
         if top >= meta['n_vocab']:
             raise UserError(f"{path} holds token id {top}, outside its tokenizer's {meta['n_vocab']} tokens: the "
-                            f"file is damaged; run `{common.prepare_command(ddir)}` with --force")
+                            f"file is damaged; run `{prepare_cmd}` with --force")
 
 
 def check_memory(mconf, dev, device_type, out):

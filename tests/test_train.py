@@ -388,8 +388,12 @@ def test_bad_input_is_one_clean_line(data_dir, args, message, tmp_path):
 
 
 def test_bad_data_is_one_clean_line(data_dir, tmp_path):
+    # no data: the prepare command that makes it, from the run's config files and data settings
     p = run_train(*TINY, f'--data_dir={tmp_path}/none', check=False)
-    one_line_error(p, 'run `python prepare.py')
+    one_line_error(p, f"no dataset in {tmp_path}/none: run `python prepare.py --vocab_size=512 "
+                      f"--data_dir={tmp_path}/none` first")
+    p = run_train('config/deepseek_mini.py', f'--data_dir={tmp_path}/none', '--max_iters', '5', check=False)
+    one_line_error(p, f"run `python prepare.py config/deepseek_mini.py --data_dir={tmp_path}/none` first")
     bad = copy_files(data_dir, str(tmp_path / 'bad'))
     meta = json.load(open(os.path.join(bad, 'meta.json')))
     ids = np.memmap(os.path.join(bad, 'train.bin'), dtype=meta['dtype'], mode='r+')
