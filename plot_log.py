@@ -15,9 +15,9 @@ import common
 from common import UserError
 
 DEFAULTS = dict(
-    out_dir='out',   # the run's folder (a training config sets it)
-    log='',          # '' = out_dir/log.jsonl
-    png='',          # '' = out_dir/run.png
+    out_dir='out-deepseek',   # the run's folder: train.py's default, or the one a training config sets
+    log='',                   # '' = out_dir/log.jsonl
+    png='',                   # '' = out_dir/run.png
     title='',
 )
 

@@ -30,7 +30,7 @@ from model import DeepSeekLM
 
 # -----------------------------------------------------------------------------
 # defaults
-out_dir = 'out-deepseek'   # the out_dir of config/deepseek.py
+out_dir = 'out-deepseek'   # train.py's default and config/deepseek.py's
 ckpt = 'last'              # 'last' = out_dir/ckpt.pt, 'best' = out_dir/ckpt_best.pt (lowest val loss), or a path
 start = EOT                # prompt text, or FILE:path with one prompt per line (one sample per prompt)
 num_samples = 5            # samples of a text prompt (unused with FILE:)
