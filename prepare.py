@@ -61,7 +61,6 @@ CONNECT_RETRIES, READ_RETRIES, STATUS_RETRIES = 2, 2, 4   # the last for 429 and
 RETRY_BACKOFF = 1.0                    # seconds before the second retry, doubling after
 CHUNK_BYTES = 2**16                    # read from the network at a time: a cut loses at most this much
 STALL_SECONDS = 150                    # the headers (with retries), then each chunk, must come within this
-WEB_PAGE = "a web page: give the link to its raw text instead"
 
 
 def main(argv):
@@ -242,7 +241,7 @@ def file_pieces(path, start=0, end=None, max_docs=0):
 
 
 def checked_sha256(path):
-    """The file's sha256, after checking that all of it is UTF-8 text without NUL bytes, and not HTML."""
+    """The file's sha256, after checking that all of it is UTF-8 text without NUL bytes."""
     sha, decoder, offset = hashlib.sha256(), codecs.getincrementaldecoder('utf-8')(), 0
     with open(path, 'rb') as f:
         for block in itertools.chain(iter(lambda: f.read(2**24), b''), [b'']):   # b'': the end
@@ -250,7 +249,6 @@ def checked_sha256(path):
                 decoder.decode(block, final=not block)
                 nul = block.find(b'\0')
                 problem = nul >= 0 and f"NUL byte at offset {offset + nul:,}"
-                problem = problem or offset == 0 and re.match(rb'\s*<(!doctype html|html)', block, re.I) and WEB_PAGE
             except UnicodeDecodeError as e:
                 problem = f"invalid UTF-8 at offset {max(offset + e.start, 0):,}"
             if problem:
@@ -375,12 +373,16 @@ def fetch(url, path, sha256='', force=False):
         for scheme in ('http://', 'https://'):
             session.mount(scheme, requests.adapters.HTTPAdapter(max_retries=retry))
         try:
-            download_once(session, url, part, os.path.getsize(part) if os.path.exists(part) else 0)
+            kind = download_once(session, url, part, os.path.getsize(part) if os.path.exists(part) else 0)
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
-            raise UserError(f"download of {url} broke off: run again to resume it (kept in {part})") from None
+            again = "run again without --force" if force else "run again"
+            raise UserError(f"download of {url} broke off: {again} to resume it (kept in {part})") from None
         finally:
             watchdog(0)
     try:
+        with open(part, 'rb') as f:   # a page's link given for its raw text's, however the server labels it
+            if 'text/html' in kind or re.match(rb'(\xef\xbb\xbf)?\s*<(!doctype html|html)\b', f.read(1024), re.I):
+                raise UserError(f"{url} is a web page, not text: give the link to its raw text instead")
         sha = checked_sha256(part)
         if sha256 and sha != sha256:
             raise UserError(f"sha256 mismatch for {url}: expected {sha256}, got {sha} (file removed; the source "
@@ -393,7 +395,7 @@ def fetch(url, path, sha256='', force=False):
 
 
 def download_once(session, url, part, have):
-    """One request, appended to part. A cut raises requests' error; all else is a UserError."""
+    """One request, appended to part; returns its Content-Type. A cut raises requests' error, all else UserError."""
     host = urlparse(url).netloc
     slow = f"{host} is too slow (under {CHUNK_BYTES // 1024} KB in {STALL_SECONDS} s): try again later"
     # identity: no compression, so offsets count the bytes stored
@@ -418,8 +420,6 @@ def download_once(session, url, part, have):
             busy = r.status_code == 429 or r.status_code >= 500
             fix = f"still failing after {STATUS_RETRIES} retries: try again later" if busy else "check the URL"
             raise UserError(f"{url}: HTTP {r.status_code} {r.reason} ({fix})")
-        if 'text/html' in r.headers.get('Content-Type', ''):   # refused before it is stored
-            raise UserError(f"{url} is not text ({WEB_PAGE}): prepare.py needs UTF-8 text")
         if r.status_code == 200:
             have = 0   # the whole file (also from a server that ignores Range)
         total = have + int(r.headers['Content-Length']) if 'Content-Length' in r.headers else None
@@ -434,11 +434,11 @@ def download_once(session, url, part, have):
                     print(f"  {f.tell() / 1e6:,.0f} of {f'{total / 1e6:,.0f}' if total else '?'} MB", flush=True)
             if total is not None and f.tell() < total:   # the server hung up early: the next run resumes
                 raise requests.exceptions.ChunkedEncodingError(f"got {f.tell():,} of {total:,} bytes")
+        return r.headers.get('Content-Type', '')
 
 
 def watchdog(seconds, message=''):
-    """Raise UserError(message) in seconds unless called again first; watchdog(0) disarms. It bounds what
-    requests' timeouts do not, a server that drips bytes; only where SIGALRM works (Unix, the main thread)."""
+    """Raise UserError(message) in seconds unless re-armed (0 disarms): a server that drips bytes. Unix only."""
     def fire(signum, frame):
         raise UserError(message)
     if hasattr(signal, 'setitimer') and threading.current_thread() is threading.main_thread():

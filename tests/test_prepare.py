@@ -345,6 +345,15 @@ def test_another_source_is_not_replaced_without_force(tmp_path, monkeypatch, cap
 # ----------------------------------------------------------------------------------------------
 # local text
 
+def test_a_local_web_page_is_text_when_given(tmp_path):
+    """Only a download is refused for being a web page (a page's link given for its raw text's): a local
+    file is taken as the text it is."""
+    page = tmp_path / 'page.txt'
+    page.write_text("<!DOCTYPE html>\n<html><body>markup is text too, when you choose it</body></html>\n" * 40)
+    meta = prepare.main(['--dataset=page', f'--input={page}', f'--data_dir={tmp_path / "d"}', '--vocab_size=300'])
+    assert (meta['train_docs'], meta['val_docs']) == (1, 1)
+
+
 def test_local_input_files_and_folders(tmp_path, capsys):
     folder = tmp_path / 'notes'
     (folder / 'sub').mkdir(parents=True)
@@ -483,7 +492,7 @@ def test_download_resumes_after_a_cut(web, tmp_path, monkeypatch):
     assert open(path, 'rb').read() == data and not os.path.exists(path + '.part')
     assert [r for _, r in web.log] == [None, f'bytes={sizes[0]}-', f'bytes={sizes[1]}-']   # each asks only for the rest
     web.cut['/play.txt'], web.log[:] = 1, []   # --force starts afresh, not from an old .part
-    with pytest.raises(UserError, match="broke off"):
+    with pytest.raises(UserError, match="broke off: run again without --force to resume it"):
         prepare.fetch(url, path, force=True)
     assert prepare.fetch(url, path, force=True) == hashlib.sha256(data).hexdigest()
     assert [r for _, r in web.log] == [None, None] and open(path, 'rb').read() == data
@@ -512,8 +521,9 @@ def test_download_404_sha_mismatch_binary_and_html_are_refused(web, tmp_path):
     for data, kind, problem in [(b'\x89PNG\r\n\x1a\n\0\0\0\rIHDR' * 100, 'image/png', r"not text \(invalid UTF-8 at offset 0\)"),
                                 (b'PNG\r\n\x1a\n\0\0\0\rIHDR' * 100, 'image/png', r"not text \(NUL byte at offset 7\)"),
                                 (b'caf\xe9 au lait\n', 'text/plain', r"not text \(invalid UTF-8 at offset 3\)"),
-                                (b'<h1>Hi</h1>', 'text/html; charset=utf-8', r"not text \(a web page: .*raw text"),
-                                (b'\n <!DOCTYPE html>\n<html>', 'text/plain', r"not text \(a web page: .*raw text")]:
+                                (b'<h1>Hi</h1>', 'text/html; charset=utf-8', r"/x.txt is a web page, not text: .*raw text"),
+                                (b'\n <!DOCTYPE html>\n<html>', 'text/plain', r"is a web page, not text"),
+                                (b'\xef\xbb\xbf<html lang="en">', 'application/octet-stream', r"is a web page")]:
         url = serve(web, '/x.txt', data, kind)
         with pytest.raises(UserError, match=problem):
             prepare.fetch(url, path)
