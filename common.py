@@ -57,7 +57,27 @@ def parse_config(argv, defaults, skip_file_keys=()):
     is the set of keys that a file or an override set. Config files may also set keys in skip_file_keys
     (another script's; True = any), which are ignored; any other unknown key is an error."""
     config, given = dict(defaults), set()
-    i = 0
+    for key, raw, path in split_argv(argv, defaults):
+        if key:
+            config[key] = parse_value(key, raw, defaults[key])
+            given.add(key)
+            continue
+        for key, value in read_config_file(path).items():
+            if key not in defaults:
+                # another script's key is skipped, unless it looks like a misspelling of one of ours
+                typo = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.85)
+                if (skip_file_keys is True or key in skip_file_keys) and not typo:
+                    continue
+                raise unknown_key(key, defaults, f" in {path}")
+            config[key] = check_type(key, value, defaults[key], f"{show(value)} (in {path})")
+            given.add(key)
+    return config, given
+
+
+def split_argv(argv, defaults):
+    """argv as a list of (key, raw value, None) overrides and (None, None, path) config files, in order:
+    --key=VALUE, --key VALUE, a bare --flag for a bool, or a path. --help prints the keys and exits."""
+    items, i = [], 0
     while i < len(argv):
         arg = argv[i]
         i += 1
@@ -78,21 +98,12 @@ def parse_config(argv, defaults, skip_file_keys=()):
                     raise UserError(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
                 else:
                     raw, i = nxt, i + 1
-            config[key] = parse_value(key, raw, defaults[key])
-            given.add(key)
+            items.append((key, raw, None))
         elif arg.startswith('-') and len(arg) > 1:
             raise UserError(f"bad argument '{arg}': use --key=VALUE, --key VALUE or a config file path")
         else:
-            for key, value in read_config_file(arg).items():
-                if key not in defaults:
-                    # another script's key is skipped, unless it looks like a misspelling of one of ours
-                    typo = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.85)
-                    if (skip_file_keys is True or key in skip_file_keys) and not typo:
-                        continue
-                    raise unknown_key(key, defaults, f" in {arg}")
-                config[key] = check_type(key, value, defaults[key], f"{show(value)} (in {arg})")
-                given.add(key)
-    return config, given
+            items.append((None, None, arg))
+    return items
 
 
 def print_help(defaults):

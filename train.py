@@ -127,14 +127,17 @@ def main(argv):
         model_args = check_resume(ckpt, ckpt_path, cfg, given)
     ddir = common.data_dir_of(cfg)
     data_lock = common.lock_folder(ddir, 'training run', shared=True) if os.path.isdir(ddir) else None  # noqa: F841
-    config_files = [a for a in argv if not a.startswith('-') and os.path.isfile(a)]
-    prepare_cmd = common.prepare_command(ddir, config_files, cfg)   # for the messages: how to make this data
+    if ckpt is None:   # for the messages: how to make this data (a resume: the checkpoint's data)
+        config_files = [path for _, _, path in common.split_argv(argv, DEFAULTS) if path]
+        prepare_cmd = common.prepare_command(ddir, config_files, cfg)
+    else:
+        prepare_cmd = remake_command(ckpt, ddir)
     meta = common.read_meta(ddir, prepare_cmd)
     tok_spec = common.tokenizer_spec(ddir, meta, prepare_cmd)
     data = {s: os.path.join(ddir, f'{s}.bin') for s in ('train', 'val')}
     if ckpt is not None and (ckpt['tokenizer'] != tok_spec or ckpt['data']['source'] != meta['source']['sha256']
-                             or ckpt['data'].get('prepared_with', meta['config']) != meta['config']):   # the split
-        check_same_data(ckpt, ckpt_path, ddir)
+                             or ckpt['data'].get('split', split_of(meta)) != split_of(meta)):
+        check_same_data(ckpt, ckpt_path, ddir, meta, prepare_cmd)
     check_data(ddir, meta, data, model_args, prepare_cmd)
     mconf = ModelConfig(**model_args)
     check_memory(mconf, dev, device_type, out)
@@ -214,7 +217,8 @@ def main(argv):
     def save(path, with_optimizer):
         ck = {'model': raw_model.state_dict(), 'model_args': dataclasses.asdict(mconf), 'iter_num': iter_num,
               'best_val_loss': best_val, 'config': cfg, 'tokenizer': tok_spec,
-              'data': {'dir': ddir, 'source': meta['source']['sha256'], 'prepared_with': meta['config']}}
+              'data': {'dir': ddir, 'source': meta['source']['sha256'], 'split': split_of(meta),
+                       'prepared_with': meta['config']}}
         if with_optimizer:
             ck['optimizer'] = [opt.state_dict() for opt in optimizers]
             ck['scaler'] = scaler.state_dict() if scaler.is_enabled() else None
@@ -342,15 +346,30 @@ def check_resume(ckpt, path, cfg, given):
     return args
 
 
-def check_same_data(ckpt, path, ddir):
+def split_of(meta):
+    """What tells two datasets of the same text and tokenizer apart: which documents went where."""
+    return {k: meta['source']['val_names'] if k == 'val_names' else meta[k]
+            for k in ('train_tokens', 'val_tokens', 'val_names')}
+
+
+def remake_command(ckpt, ddir):
+    """The prepare command that makes a checkpoint's data again in ddir: from the settings it recorded (a
+    checkpoint without them: its training config's dataset and vocab_size)."""
+    settings = ckpt['data'].get('prepared_with') or {k: ckpt['config'][k] for k in ('dataset', 'vocab_size')}
+    return common.prepare_command(ddir, settings={**settings, 'data_dir': ddir})
+
+
+def check_same_data(ckpt, path, ddir, meta, redo):
     """A resume needs the very tokens it was trained on: say where they are, or how to make them again."""
-    if os.path.realpath(ckpt['data']['dir']) != os.path.realpath(ddir):
+    made_with, new_model = ckpt['data'].get('prepared_with'), "or train a new model into another --out_dir"
+    if (os.path.realpath(ckpt['data']['dir']) != os.path.realpath(ddir)
+            and os.path.isfile(os.path.join(ckpt['data']['dir'], 'meta.json'))):
         fix = f"resume with --data_dir={ckpt['data']['dir']}"
-    elif 'prepared_with' not in ckpt['data']:   # written before checkpoints recorded it
-        fix = "prepare it again with the settings it had, or train a new model into another --out_dir"
-    else:   # prepared again in place, e.g. with another vocab_size: the same settings make the same files
-        redo = common.prepare_command(ddir, settings={**ckpt['data']['prepared_with'], 'data_dir': ddir})
-        fix = f"prepare it as it was (`{redo} --force`), or train a new model into another --out_dir"
+    elif made_with == meta['config']:   # the same settings, and yet other tokens
+        fix = f"the same settings now make other data (edited files, a new download): restore it, {new_model}"
+    else:   # prepared again in place, e.g. with another vocab_size; --force only where prepare needs it
+        other_text = made_with and any(meta['config'].get(k) != made_with.get(k) for k in ('dataset', 'url', 'input'))
+        fix = f"prepare it as it was (`{redo}{' --force' if other_text else ''}`), {new_model}"
     raise UserError(f"{ddir} is not the data {path} was trained on (another tokenizer, text or split): {fix}")
 
 

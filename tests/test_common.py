@@ -52,6 +52,14 @@ def test_both_spellings_give_the_same_config_and_defaults_stay_untouched():
     assert DEFAULTS == before
 
 
+def test_split_argv_tells_config_files_from_values():
+    """A value given as --key VALUE is never taken for a config file, even where a file of that name exists."""
+    argv = ['a.py', '--dataset', 'README.md', '--force', 'b.py', '--max_iters=3', 'c']
+    assert common.split_argv(argv, DEFAULTS) == [(None, None, 'a.py'), ('dataset', 'README.md', None),
+                                                 ('force', 'true', None), (None, None, 'b.py'),
+                                                 ('max_iters', '3', None), (None, None, 'c')]
+
+
 def test_files_and_overrides_apply_in_order(tmp_path):
     conf = write(tmp_path, 'c.py', "import math\n_private = 1\nmax_iters = 2 * 10\n"
                                    "def helper(): pass\nclass K: pass\nlearning_rate = math.sqrt(4) / 1000\n")

@@ -238,20 +238,30 @@ def test_resume_after_the_data_was_prepared_again_says_how_to_remake_it(tmp_path
     data_args = [f'--data_dir={d}', '--max_docs=4', '--val_docs=1']
     prepare.main([*data_args, '--vocab_size=400'])
     run_train(*TINY, f'--data_dir={d}', f'--out_dir={out}', '--vocab_size=400', '--max_iters=2', '--eval_interval=2')
-    prepare.main([*data_args, '--vocab_size=300', '--force'])
     resume = [f'--out_dir={out}', '--init_from=resume', '--max_iters=4', '--device=cpu', '--compile=False']
+    os.rename(d, d + '-away')   # gone: the advice makes the checkpoint's data, not the defaults'
+    one_line_error(run_train(*resume, check=False),
+                   f"no dataset in {d}: run `python prepare.py --vocab_size=400 --val_docs=1 --max_docs=4 "
+                   f"--data_dir={d}` first")
+    os.rename(d + '-away', d)
+    prepare.main([*data_args, '--vocab_size=300', '--force'])
     err = one_line_error(run_train(*resume, check=False), f"{d} is not the data {out}/ckpt.pt was trained on")
     redo = re.search(r"`python prepare.py (.*)`", err).group(1).split()
-    assert sorted(redo) == sorted([*data_args, '--vocab_size=400', '--force'])
-    os.symlink(d, tmp_path / 'link')   # the same folder by another name: the same advice
+    assert sorted(redo) == sorted([*data_args, '--vocab_size=400'])   # the same text: no --force, no download
+    os.symlink(d, tmp_path / 'link')   # the same folder by another name: the same advice, for that name
     err = one_line_error(run_train(*resume, f'--data_dir={tmp_path / "link"}', check=False), 'prepare it as it was')
+    assert f'--data_dir={tmp_path / "link"}' in err
     prepare.main(redo)
     meta_path = os.path.join(d, 'meta.json')
     meta = json.load(open(meta_path))
-    meta['config']['val_docs'] = 2   # the same files, said to be split otherwise: refused too
+    meta['source']['val_names'] = ['another play']   # the same tokens, split otherwise: refused
     open(meta_path, 'w').write(json.dumps(meta))
-    one_line_error(run_train(*resume, check=False), "(another tokenizer, text or split): prepare it as it was")
-    prepare.main(redo)
+    one_line_error(run_train(*resume, check=False), "(another tokenizer, text or split): the same settings now "
+                                                    "make other data")
+    prepare.main(redo + ['--force'])   # the same settings are a no-op without it
+    meta = json.load(open(meta_path))
+    meta['config']['max_docs'] = 1000   # other settings that make the very same files: accepted
+    open(meta_path, 'w').write(json.dumps(meta))
     run_train(*resume)
     assert max(r['iter'] for r in read_log(out)) == 4
 
