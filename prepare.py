@@ -355,9 +355,7 @@ def write_tokens(enc, pieces, path, dtype, label):
 def fetch(url, path, sha256='', force=False):
     """The sha256 of url's text, downloaded to path via path + '.part' (a run after a cut resumes it with HTTP
     Range) unless a checked copy is there. A failed download is deleted; a kept copy stays until one passes."""
-    part = path + '.part'
-    if force:   # a fresh download, not the rest of an old one
-        common.remove(part)
+    part = path + '.part'   # what a cut download got: the next run, --force or not, asks for the rest
     if os.path.exists(path) and not force:   # otherwise a new download replaces it once it passes its checks
         sha = checked_sha256(path)
         if not sha256 or sha == sha256:
@@ -375,8 +373,7 @@ def fetch(url, path, sha256='', force=False):
         try:
             kind = download_once(session, url, part, os.path.getsize(part) if os.path.exists(part) else 0)
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
-            again = "run again without --force" if force else "run again"
-            raise UserError(f"download of {url} broke off: {again} to resume it (kept in {part})") from None
+            raise UserError(f"download of {url} broke off: run again to resume it (kept in {part})") from None
         finally:
             watchdog(0)
     try:
