@@ -37,10 +37,11 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------
 # Command line, the same for every script:
 #     python SCRIPT.py [config/FILE.py ...] [--key=value | --key value ...]
-# Arguments apply left to right. A config file is plain Python whose public names override the
-# defaults; --key=value (or --key value) overrides one key. Values are Python literals, or plain text
-# for string keys, and must match the type of the default. Bools take true/false/yes/no/1/0, and a
-# bare --flag means --flag=true; a key whose default is None takes true/false/auto. --help lists the keys.
+# Arguments apply left to right (a malformed one is refused before any config file is read). A config
+# file is plain Python whose public names override the defaults; --key=value (or --key value) overrides
+# one key. Values are Python literals, or plain text for string keys, and must match the default's type.
+# Bools take true/false/yes/no/1/0, and a bare --flag means --flag=true; a key whose default is None
+# takes true/false/auto. --help lists the keys.
 
 BOOL_WORDS = {'true': True, 'yes': True, '1': True, 'false': False, 'no': False, '0': False}
 
@@ -114,6 +115,7 @@ def print_help(defaults):
     print("keys (default):")
     for key in sorted(defaults):
         print(f"  --{key}={defaults[key]!r}")
+    sys.stdout.flush()   # here, where run() can tell a reader that went away, not at exit
 
 
 def unknown_key(key, defaults, where):
@@ -227,6 +229,9 @@ def run(main, *args):
         if "can't allocate memory" not in str(e):   # the CPU allocator's own out-of-memory error
             raise
         message = f"out of memory: {SMALLER}"
+    except BrokenPipeError:   # the reader of stdout went away (`| head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         message = f"{e.strerror or e}{where} (check the path, its permissions and the free disk space)"
@@ -365,11 +370,13 @@ def read_meta(data_dir, command=None):
     for key, kind in META_TYPES.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise UserError(f"{path}: '{key}' should be {kind.__name__}, got {meta.get(key)!r}: {redo} with --force")
-    inner = ['source.sha256', 'source.description', 'tokenizer.kind', 'tokenizer.name']
-    for key in inner + ['tokenizer.pattern'] * (meta['tokenizer'].get('kind') == 'bpe'):
+    inner = {'source.sha256': str, 'source.description': str, 'source.val_names': list, 'tokenizer.kind': str,
+             'tokenizer.name': str, **({'tokenizer.pattern': str} if meta['tokenizer'].get('kind') == 'bpe' else {})}
+    for key, kind in inner.items():
         outer, field = key.split('.')
-        if not isinstance(meta[outer].get(field), str):
-            raise UserError(f"{path}: '{key}' should be str, got {show(meta[outer].get(field))}: {redo} with --force")
+        if not isinstance(meta[outer].get(field), kind):
+            raise UserError(f"{path}: '{key}' should be {kind.__name__}, got {show(meta[outer].get(field))}: {redo} "
+                            f"with --force")
     if meta['dtype'] not in ('uint16', 'uint32'):
         raise UserError(f"{path} has an unknown dtype {meta['dtype']!r}: {redo} with --force")
     itemsize = np.dtype(meta['dtype']).itemsize

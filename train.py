@@ -127,17 +127,15 @@ def main(argv):
         model_args = check_resume(ckpt, ckpt_path, cfg, given)
     ddir = common.data_dir_of(cfg)
     data_lock = common.lock_folder(ddir, 'training run', shared=True) if os.path.isdir(ddir) else None  # noqa: F841
-    if ckpt is None:   # for the messages: how to make this data (a resume: the checkpoint's data)
+    if ckpt is None:   # for the messages: how to make this data
         config_files = [path for _, _, path in common.split_argv(argv, DEFAULTS) if path]
         prepare_cmd = common.prepare_command(ddir, config_files, cfg)
-    else:
+        meta = common.read_meta(ddir, prepare_cmd)
+        tok_spec = common.tokenizer_spec(ddir, meta, prepare_cmd)
+    else:   # a resume reads the very data it was trained on
         prepare_cmd = remake_command(ckpt, ddir)
-    meta = common.read_meta(ddir, prepare_cmd)
-    tok_spec = common.tokenizer_spec(ddir, meta, prepare_cmd)
+        meta, tok_spec = checkpoint_data(ckpt, ckpt_path, ddir, prepare_cmd)
     data = {s: os.path.join(ddir, f'{s}.bin') for s in ('train', 'val')}
-    if ckpt is not None and (ckpt['tokenizer'] != tok_spec or ckpt['data']['source'] != meta['source']['sha256']
-                             or ckpt['data'].get('split', split_of(meta)) != split_of(meta)):
-        check_same_data(ckpt, ckpt_path, ddir, meta, prepare_cmd)
     check_data(ddir, meta, data, model_args, prepare_cmd)
     mconf = ModelConfig(**model_args)
     check_memory(mconf, dev, device_type, out)
@@ -353,24 +351,45 @@ def split_of(meta):
 
 
 def remake_command(ckpt, ddir):
-    """The prepare command that makes a checkpoint's data again in ddir: from the settings it recorded (a
-    checkpoint without them: its training config's dataset and vocab_size)."""
-    settings = ckpt['data'].get('prepared_with') or {k: ckpt['config'][k] for k in ('dataset', 'vocab_size')}
-    return common.prepare_command(ddir, settings={**settings, 'data_dir': ddir})
+    """The prepare command that makes a checkpoint's data again in ddir, from the settings it recorded
+    (None for a checkpoint without them: read_meta then guesses from the folder's name)."""
+    made_with = ckpt['data'].get('prepared_with')
+    return made_with and common.prepare_command(ddir, settings={**made_with, 'data_dir': ddir})
 
 
-def check_same_data(ckpt, path, ddir, meta, redo):
-    """A resume needs the very tokens it was trained on: say where they are, or how to make them again."""
+def checkpoint_data(ckpt, path, ddir, prepare_cmd):
+    """(meta, tokenizer spec) of ddir, which must hold the data the checkpoint was trained on; where it
+    does not, the error says which folder does, or how to make that data again."""
+    trained_on = ckpt['data']['dir']
+    if (os.path.realpath(trained_on) != os.path.realpath(ddir) and not holds_data_of(ckpt, ddir)
+            and holds_data_of(ckpt, trained_on)):
+        raise UserError(f"{ddir} does not hold the data {path} was trained on: resume with --data_dir={trained_on}")
+    meta = common.read_meta(ddir, prepare_cmd)
+    tok_spec = common.tokenizer_spec(ddir, meta, prepare_cmd)
+    if same_data(ckpt, meta, tok_spec):
+        return meta, tok_spec
     made_with, new_model = ckpt['data'].get('prepared_with'), "or train a new model into another --out_dir"
-    if (os.path.realpath(ckpt['data']['dir']) != os.path.realpath(ddir)
-            and os.path.isfile(os.path.join(ckpt['data']['dir'], 'meta.json'))):
-        fix = f"resume with --data_dir={ckpt['data']['dir']}"
+    if made_with is None:   # a checkpoint that did not record how its data was made
+        fix = f"prepare it again with the settings it was trained on, {new_model}"
     elif made_with == meta['config']:   # the same settings, and yet other tokens
         fix = f"the same settings now make other data (edited files, a new download): restore it, {new_model}"
     else:   # prepared again in place, e.g. with another vocab_size; --force only where prepare needs it
-        other_text = made_with and any(meta['config'].get(k) != made_with.get(k) for k in ('dataset', 'url', 'input'))
-        fix = f"prepare it as it was (`{redo}{' --force' if other_text else ''}`), {new_model}"
+        other_text = any(meta['config'].get(k) != made_with.get(k) for k in ('dataset', 'url', 'input'))
+        fix = f"prepare it as it was (`{prepare_cmd}{' --force' if other_text else ''}`), {new_model}"
     raise UserError(f"{ddir} is not the data {path} was trained on (another tokenizer, text or split): {fix}")
+
+
+def same_data(ckpt, meta, tok_spec):
+    return (ckpt['tokenizer'] == tok_spec and ckpt['data']['source'] == meta['source']['sha256']
+            and ckpt['data'].get('split', split_of(meta)) == split_of(meta))
+
+
+def holds_data_of(ckpt, ddir):
+    try:
+        meta = common.read_meta(ddir)
+        return same_data(ckpt, meta, common.tokenizer_spec(ddir, meta))
+    except UserError:
+        return False
 
 
 def check_data(ddir, meta, data, model_args, prepare_cmd):

@@ -241,6 +241,10 @@ def test_every_script_lists_its_keys_on_help(script, tmp_path):
     assert f'usage: python {script}' in p.stdout and f'\n  {flag}=' in p.stdout
     assert 'python ' + script in p.stdout.split('usage:')[0]   # the docstring's examples come first
     assert '--EOT' not in p.stdout and os.listdir(tmp_path) == []
+    # a reader that stops early (`| head -1`) costs no error message
+    p = subprocess.run(f'{sys.executable} {os.path.join(ROOT, script)} --help | head -1', shell=True,
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.stdout.count('\n') == 1 and p.stderr == '', p.stderr
 
 
 # ----------------------------------------------------------------------------------------------

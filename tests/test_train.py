@@ -244,6 +244,8 @@ def test_resume_after_the_data_was_prepared_again_says_how_to_remake_it(tmp_path
                    f"no dataset in {d}: run `python prepare.py --vocab_size=400 --val_docs=1 --max_docs=4 "
                    f"--data_dir={d}` first")
     os.rename(d + '-away', d)
+    one_line_error(run_train(*resume, f'--data_dir={d}-typo', check=False),   # the right data is elsewhere
+                   f"{d}-typo does not hold the data {out}/ckpt.pt was trained on: resume with --data_dir={d}")
     prepare.main([*data_args, '--vocab_size=300', '--force'])
     err = one_line_error(run_train(*resume, check=False), f"{d} is not the data {out}/ckpt.pt was trained on")
     redo = re.search(r"`python prepare.py (.*)`", err).group(1).split()
@@ -264,6 +266,13 @@ def test_resume_after_the_data_was_prepared_again_says_how_to_remake_it(tmp_path
     open(meta_path, 'w').write(json.dumps(meta))
     run_train(*resume)
     assert max(r['iter'] for r in read_log(out)) == 4
+    old = copy_files(out, str(tmp_path / 'old'), ['ckpt.pt', 'log.jsonl'])   # a checkpoint without the record
+    ck = torch.load(os.path.join(old, 'ckpt.pt'), weights_only=True)
+    ck['data'] = {k: ck['data'][k] for k in ('dir', 'source')}
+    common.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, f'{old}/ckpt.pt')
+    prepare.main([*data_args, '--vocab_size=300'])
+    one_line_error(run_train(f'--out_dir={old}', *resume[1:], '--max_iters=6', check=False),
+                   "(another tokenizer, text or split): prepare it again with the settings it was trained on")
 
 
 def test_resume_refuses_other_data_damaged_or_incomplete_checkpoints(finished, data_dir, tmp_path):
@@ -273,8 +282,7 @@ def test_resume_refuses_other_data_damaged_or_incomplete_checkpoints(finished, d
     copy = copy_files(out, str(tmp_path / 'copy'), ['ckpt.pt', 'log.jsonl'])
     resume = [*args, f'--out_dir={copy}', '--init_from=resume', '--max_iters=12']
     one_line_error(run_train(*resume, f'--data_dir={other}', check=False),
-                   f"is not the data {copy}/ckpt.pt was trained on (another tokenizer, text or split): resume "
-                   f"with --data_dir={data_dir}")
+                   f"{other} does not hold the data {copy}/ckpt.pt was trained on: resume with --data_dir={data_dir}")
     ckpt = os.path.join(copy, 'ckpt.pt')
     data = bytearray(open(ckpt, 'rb').read())
     data[len(data) // 2:len(data) // 2 + 8] = bytes(8 * [0x5A])   # bytes overwritten in the middle
