@@ -373,7 +373,7 @@ def fetch(url, path, sha256='', force=False):
         try:
             kind = download_once(session, url, part, os.path.getsize(part) if os.path.exists(part) else 0)
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
-            raise UserError(f"download of {url} broke off: run again to resume it (kept in {part})") from None
+            raise UserError(f"download of {url} broke off: run again to resume it (or delete {part})") from None
         finally:
             watchdog(0)
     try:

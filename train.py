@@ -371,12 +371,30 @@ def checkpoint_data(ckpt, path, ddir, prepare_cmd):
     made_with, new_model = ckpt['data'].get('prepared_with'), "or train a new model into another --out_dir"
     if made_with is None:   # a checkpoint that did not record how its data was made
         fix = f"prepare it again with the settings it was trained on, {new_model}"
-    elif made_with == meta['config']:   # the same settings, and yet other tokens
-        fix = f"the same settings now make other data (edited files, a new download): restore it, {new_model}"
-    else:   # prepared again in place, e.g. with another vocab_size; --force only where prepare needs it
-        other_text = any(meta['config'].get(k) != made_with.get(k) for k in ('dataset', 'url', 'input'))
-        fix = f"prepare it as it was (`{prepare_cmd}{' --force' if other_text else ''}`), {new_model}"
+    elif os.path.realpath(trained_on) != os.path.realpath(ddir):   # ddir holds other data: leave it be
+        fix = (f"make it again in its own folder (`{remake_advice(ckpt, trained_on)}`) and resume with "
+               f"--data_dir={trained_on}, {new_model}")
+    elif not same_text(made_with, meta['config']) or (made_with != meta['config']
+                                                     and ckpt['data']['source'] == meta['source']['sha256']):
+        fix = f"prepare it as it was (`{remake_advice(ckpt, ddir)}`), {new_model}"   # e.g. another vocab_size
+    else:   # the same text settings, and yet other text or tokens: remaking it would make the same
+        fix = (f"the same text settings now make other data (edited files, a new download, another prepare.py): "
+               f"restore it, {new_model}")
     raise UserError(f"{ddir} is not the data {path} was trained on (another tokenizer, text or split): {fix}")
+
+
+def same_text(settings, other):
+    return all(settings.get(k) == other.get(k) for k in ('dataset', 'url', 'input'))
+
+
+def remake_advice(ckpt, folder):
+    """The prepare command that makes the checkpoint's data again in folder, with --force where prepare
+    needs it: where the folder holds another text."""
+    try:
+        held = common.read_meta(folder)['config']
+    except UserError:   # nothing there, or nothing intact: prepare writes it without asking
+        held = ckpt['data']['prepared_with']
+    return remake_command(ckpt, folder) + ('' if same_text(held, ckpt['data']['prepared_with']) else ' --force')
 
 
 def same_data(ckpt, meta, tok_spec):

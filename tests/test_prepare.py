@@ -483,7 +483,8 @@ def test_download_resumes_after_a_cut(web, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, 'CHUNK_BYTES', 4096)
     sizes = []
     for _ in range(2):
-        with pytest.raises(UserError, match=r"download of .*/play.txt broke off: run again to resume it \(kept in "):
+        with pytest.raises(UserError, match=r"download of .*/play.txt broke off: run again to resume it \(or delete "
+                                            r".*play.txt.part\)"):
             prepare.fetch(url, path)
         sizes.append(os.path.getsize(path + '.part'))
         assert not os.path.exists(path)

@@ -258,8 +258,8 @@ def test_resume_after_the_data_was_prepared_again_says_how_to_remake_it(tmp_path
     meta = json.load(open(meta_path))
     meta['source']['val_names'] = ['another play']   # the same tokens, split otherwise: refused
     open(meta_path, 'w').write(json.dumps(meta))
-    one_line_error(run_train(*resume, check=False), "(another tokenizer, text or split): the same settings now "
-                                                    "make other data")
+    one_line_error(run_train(*resume, check=False), "(another tokenizer, text or split): the same text settings "
+                                                    "now make other data")
     prepare.main(redo + ['--force'])   # the same settings are a no-op without it
     meta = json.load(open(meta_path))
     meta['config']['max_docs'] = 1000   # other settings that make the very same files: accepted
@@ -273,6 +273,36 @@ def test_resume_after_the_data_was_prepared_again_says_how_to_remake_it(tmp_path
     prepare.main([*data_args, '--vocab_size=300'])
     one_line_error(run_train(f'--out_dir={old}', *resume[1:], '--max_iters=6', check=False),
                    "(another tokenizer, text or split): prepare it again with the settings it was trained on")
+
+
+def test_resume_advice_leaves_other_data_alone(tmp_path):
+    """--data_dir naming a folder of other data: the advice remakes the checkpoint's data in its own folder,
+    never over that one. Text edited since: the advice is to restore it, since remaking would not help."""
+    d, z, out = str(tmp_path / 'd'), str(tmp_path / 'z'), str(tmp_path / 'out')
+    prepare.main([f'--data_dir={d}', '--max_docs=4', '--val_docs=1', '--vocab_size=400'])
+    prepare.main([f'--data_dir={z}', '--max_docs=5', '--val_docs=1', '--vocab_size=300'])
+    run_train(*TINY, f'--data_dir={d}', f'--out_dir={out}', '--vocab_size=400', '--max_iters=2', '--eval_interval=2')
+    resume = [f'--out_dir={out}', '--init_from=resume', '--max_iters=4', '--device=cpu', '--compile=False']
+    os.rename(d, d + '-gone')
+    z_meta = common.read_meta(z)
+    err = one_line_error(run_train(*resume, f'--data_dir={z}', check=False), f"make it again in its own folder")
+    assert err.rstrip().endswith(f"--data_dir={d}`) and resume with --data_dir={d}, or train a new model into "
+                                 f"another --out_dir")
+    prepare.main(re.search(r"`python prepare.py (.*)`", err).group(1).split())
+    run_train(*resume, f'--data_dir={d}')
+    assert common.read_meta(z) == z_meta
+
+    notes, n, out2 = tmp_path / 'notes', str(tmp_path / 'n'), str(tmp_path / 'out2')
+    notes.mkdir()
+    for i in range(3):
+        (notes / f'{i}.txt').write_text(f"note {i}: " + "words of my own, " * 400)
+    made = ['--dataset=notes', f'--input={notes}', f'--data_dir={n}', '--val_docs=1']
+    prepare.main([*made, '--vocab_size=300'])
+    run_train(*TINY, f'--data_dir={n}', f'--out_dir={out2}', '--vocab_size=300', '--max_iters=2', '--eval_interval=2')
+    (notes / '0.txt').write_text("note 0, rewritten: " + "other words now, " * 400)
+    prepare.main([*made, '--vocab_size=290'])
+    one_line_error(run_train(f'--out_dir={out2}', *resume[1:], check=False),
+                   "the same text settings now make other data (edited files, a new download, another prepare.py)")
 
 
 def test_resume_refuses_other_data_damaged_or_incomplete_checkpoints(finished, data_dir, tmp_path):
