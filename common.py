@@ -333,13 +333,11 @@ def data_dir_of(cfg):
     return cfg.get('data_dir') or os.path.join('data', cfg.get('dataset') or DATASET_DEFAULTS['dataset'])
 
 
-def prepare_command(data_dir, config_files=(), settings=None):
-    """The prepare command that makes data_dir, for error messages: given a training run's data settings,
-    its config files plus the settings they do not make; otherwise a guess from the folder's name."""
-    if settings is not None:
-        made, _ = parse_config(list(config_files), DATASET_DEFAULTS, skip_file_keys=True)
-        extra = [f'--{k}={v}' for k, v in settings.items() if k in made and v != made[k]]
-        return shlex.join(['python', 'prepare.py', *config_files, *extra])
+def prepare_command(data_dir, args=None):
+    """The prepare command that makes data_dir, for error messages: with prepare.py's arguments where the
+    caller knows them; otherwise a guess from the folder's name."""
+    if args is not None:
+        return shlex.join(['python', 'prepare.py', *args])
     norm = os.path.normpath(data_dir)
     if norm == os.path.join('data', 'shakespeare'):
         return 'python prepare.py'

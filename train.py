@@ -127,9 +127,10 @@ def main(argv):
         model_args = check_resume(ckpt, ckpt_path, cfg, given)
     ddir = common.data_dir_of(cfg)
     data_lock = common.lock_folder(ddir, 'training run', shared=True) if os.path.isdir(ddir) else None  # noqa: F841
-    if ckpt is None:   # for the messages: how to make this data
-        config_files = [path for _, _, path in common.split_argv(argv, DEFAULTS) if path]
-        prepare_cmd = common.prepare_command(ddir, config_files, cfg)
+    if ckpt is None:   # for the messages, how to make this data: the config files and data overrides given
+        data_args = [path or f'--{key}={raw}' for key, raw, path in common.split_argv(argv, DEFAULTS)
+                     if path or key in common.DATASET_DEFAULTS]
+        prepare_cmd = common.prepare_command(ddir, data_args)
         meta = common.read_meta(ddir, prepare_cmd)
         tok_spec = common.tokenizer_spec(ddir, meta, prepare_cmd)
     else:   # a resume reads the very data it was trained on
@@ -346,32 +347,37 @@ def check_resume(ckpt, path, cfg, given):
 
 def split_of(meta):
     """What tells two datasets of the same text and tokenizer apart: which documents went where."""
-    return {k: meta['source']['val_names'] if k == 'val_names' else meta[k]
-            for k in ('train_tokens', 'val_tokens', 'val_names')}
+    return {'train_tokens': meta['train_tokens'], 'val_tokens': meta['val_tokens'],
+            'val_names': meta['source']['val_names']}
 
 
 def remake_command(ckpt, ddir):
     """The prepare command that makes a checkpoint's data again in ddir, from the settings it recorded
     (None for a checkpoint without them: read_meta then guesses from the folder's name)."""
     made_with = ckpt['data'].get('prepared_with')
-    return made_with and common.prepare_command(ddir, settings={**made_with, 'data_dir': ddir})
+    if made_with is None:
+        return None
+    settings = {**made_with, 'data_dir': ddir}
+    return common.prepare_command(ddir, [f'--{k}={v}' for k, v in settings.items()
+                                         if v != common.DATASET_DEFAULTS.get(k)])
 
 
 def checkpoint_data(ckpt, path, ddir, prepare_cmd):
     """(meta, tokenizer spec) of ddir, which must hold the data the checkpoint was trained on; where it
     does not, the error says which folder does, or how to make that data again."""
+    found = data_of_checkpoint_in(ckpt, ddir)
+    if found:
+        return found
     trained_on = ckpt['data']['dir']
-    if (os.path.realpath(trained_on) != os.path.realpath(ddir) and not holds_data_of(ckpt, ddir)
-            and holds_data_of(ckpt, trained_on)):
+    elsewhere = os.path.realpath(trained_on) != os.path.realpath(ddir)
+    if elsewhere and data_of_checkpoint_in(ckpt, trained_on):
         raise UserError(f"{ddir} does not hold the data {path} was trained on: resume with --data_dir={trained_on}")
-    meta = common.read_meta(ddir, prepare_cmd)
-    tok_spec = common.tokenizer_spec(ddir, meta, prepare_cmd)
-    if same_data(ckpt, meta, tok_spec):
-        return meta, tok_spec
+    meta = common.read_meta(ddir, prepare_cmd)   # missing or damaged data: these say how to make it again
+    common.tokenizer_spec(ddir, meta, prepare_cmd)
     made_with, new_model = ckpt['data'].get('prepared_with'), "or train a new model into another --out_dir"
     if made_with is None:   # a checkpoint that did not record how its data was made
         fix = f"prepare it again with the settings it was trained on, {new_model}"
-    elif os.path.realpath(trained_on) != os.path.realpath(ddir):   # ddir holds other data: leave it be
+    elif elsewhere:   # ddir holds other data: leave it be
         fix = (f"make it again in its own folder (`{remake_advice(ckpt, trained_on)}`) and resume with "
                f"--data_dir={trained_on}, {new_model}")
     elif not same_text(made_with, meta['config']) or (made_with != meta['config']
@@ -397,17 +403,17 @@ def remake_advice(ckpt, folder):
     return remake_command(ckpt, folder) + ('' if same_text(held, ckpt['data']['prepared_with']) else ' --force')
 
 
-def same_data(ckpt, meta, tok_spec):
-    return (ckpt['tokenizer'] == tok_spec and ckpt['data']['source'] == meta['source']['sha256']
-            and ckpt['data'].get('split', split_of(meta)) == split_of(meta))
-
-
-def holds_data_of(ckpt, ddir):
+def data_of_checkpoint_in(ckpt, ddir):
+    """(meta, tokenizer spec) of ddir where it holds the very data the checkpoint was trained on, else None."""
     try:
         meta = common.read_meta(ddir)
-        return same_data(ckpt, meta, common.tokenizer_spec(ddir, meta))
+        tok_spec = common.tokenizer_spec(ddir, meta)
     except UserError:
-        return False
+        return None
+    if (ckpt['tokenizer'] == tok_spec and ckpt['data']['source'] == meta['source']['sha256']
+            and ckpt['data'].get('split', split_of(meta)) == split_of(meta)):
+        return meta, tok_spec
+    return None
 
 
 def check_data(ddir, meta, data, model_args, prepare_cmd):
