@@ -104,9 +104,10 @@ def main(argv):
 
     for _ in tokens(ids[0], 2):   # warm-up, so tokens/s measures generation, not one-time setup
         pass
+    token_text = common.text_bytes(enc, mconf.vocab_size)
     torch.manual_seed(cfg['seed'])
     common.sync(device_type)
-    t0, n_new, texts, token_text = time.time(), 0, [], common.text_bytes(enc, mconf.vocab_size)
+    t0, n_new, texts = time.time(), 0, []
     for i, prompt_ids in enumerate(ids):
         print(f"--- sample {i + 1} ---", flush=True)
         text = Printer(token_text)
