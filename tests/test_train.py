@@ -369,29 +369,20 @@ def test_overwrite_starts_over(finished, tmp_path):
 
 
 def test_data_being_read_is_not_prepared_over_and_data_being_written_is_not_read(data_dir, tmp_path):
-    reader = common.lock_folder(data_dir, 'training run', shared=True)   # as a training run holds it
-    try:
+    with common.lock_folder(data_dir, 'training run', shared=True):   # as a training run holds it
         common.lock_folder(data_dir, 'training run', shared=True).close()   # other readers are welcome
         with pytest.raises(UserError, match=f'{data_dir} is in use by a training run reading it'):
             prepare.main([f'--data_dir={data_dir}', '--max_docs=6', '--val_docs=1', '--vocab_size=512', '--force'])
-    finally:
-        reader.close()
-    writer = common.lock_folder(data_dir, 'prepare run')
-    try:
+    with common.lock_folder(data_dir, 'prepare run'):
         p = run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=2', check=False)
-        one_line_error(p, f'{data_dir} is in use by a process writing it (pid {os.getpid()})')
-    finally:
-        writer.close()
+    one_line_error(p, f'{data_dir} is in use by a process writing it (pid {os.getpid()})')
 
 
 def test_a_second_training_into_the_same_out_dir_refuses(data_dir, tmp_path):
     out = str(tmp_path / 'busy')
-    held = common.lock_folder(out, 'training run')
-    try:
+    with common.lock_folder(out, 'training run'):
         p = run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', check=False)
-        one_line_error(p, f'{out} is in use by another training run (pid {os.getpid()})')
-    finally:
-        held.close()
+    one_line_error(p, f'{out} is in use by another training run (pid {os.getpid()})')
 
 
 # -----------------------------------------------------------------------------
