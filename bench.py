@@ -48,7 +48,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-import common
+import cli
 from model import DeepSeekLM, LatentTokenAttention, ModelConfig, MoE, apply_rope, attend, rope_tables
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -87,7 +87,7 @@ def timeit_pair(fa, fb, device, repeats, warmup=2):
 
 def load_config(name, **overrides):
     """The model keys and batch_size of config/<name> over ModelConfig's defaults, overrides on top."""
-    file = common.read_config_file(os.path.join(ROOT, 'config', name))
+    file = cli.read_config_file(os.path.join(ROOT, 'config', name))
     cfg = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     cfg.update({k: v for k, v in file.items() if k in cfg or k in ('batch_size', 'block_size')})
     return {**cfg, **overrides}
@@ -99,8 +99,8 @@ def model_config(cfg):
 
 def autocast_for(device):
     """(dtype, autocast context) of train.py's dtype='auto' on this device."""
-    _, dtype = common.pick_device(device.type, 'auto')
-    return dtype, common.autocast(device.type, dtype)
+    _, dtype = cli.pick_device(device.type, 'auto')
+    return dtype, cli.autocast(device.type, dtype)
 
 
 def matmul(n, dtype, device):
@@ -414,13 +414,13 @@ def row_vs_transformers(args, device, out):
 def row_mfu(args, device, out):
     """CUDA only: a config/deepseek.py train step (bf16 autocast, compiled) over the GPU's peak FLOP/s,
     and over the bf16 torch.mm timed next to it (deepseek_vs_mm)."""
-    peak = common.gpu_peak_flops(device.type)
+    peak = cli.gpu_peak_flops(device.type)
     if device.type != 'cuda' or not args.compile:
         out['mfu'] = None
         return
     cfg = load_config('deepseek.py')
     out['deepseek_vs_mm'], step_flops, mm_flops = vs_mm(*our_train_step(cfg, device, compiled=True), device, args)
-    out['mfu'] = step_flops / peak if peak else None   # None: a GPU missing from common.PEAK_FLOPS
+    out['mfu'] = step_flops / peak if peak else None   # None: a GPU missing from cli.PEAK_FLOPS
     out['mm_mfu'] = mm_flops / peak if peak else None
 
 
@@ -511,14 +511,14 @@ class Args:
 
 
 def main(argv):
-    args = Args(common.parse_config(argv, DEFAULTS)[0])
+    args = Args(cli.parse_config(argv, DEFAULTS)[0])
     names = [r.__name__[len('row_'):] for r in ROWS]
     only = [s for s in args.only.split(',') if s]
     if args.only and not only:
-        raise common.UserError(f"--only={args.only!r} names no row: rows are {', '.join(names)}")
+        raise cli.UserError(f"--only={args.only!r} names no row: rows are {', '.join(names)}")
     if set(only) - set(names):
-        raise common.UserError(f"unknown rows {sorted(set(only) - set(names))}: rows are {', '.join(names)}")
-    device = torch.device(common.pick_device(args.device, 'auto')[0])
+        raise cli.UserError(f"unknown rows {sorted(set(only) - set(names))}: rows are {', '.join(names)}")
+    device = torch.device(cli.pick_device(args.device, 'auto')[0])
     cuda = device.type == 'cuda'
     torch.backends.cuda.matmul.allow_tf32 = True   # as train.py
     torch.backends.cudnn.allow_tf32 = True
@@ -536,7 +536,7 @@ def main(argv):
     args.decode_tokens = 8 if q else 16
 
     # time the process as train.py runs it, with its allocator setting
-    common.keep_freed_memory()
+    cli.keep_freed_memory()
     if args.profile:
         return profile_step(args, device)
     out = {'device': torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads',
@@ -592,4 +592,4 @@ def print_table(out):
 
 if __name__ == '__main__':
     warnings.filterwarnings('ignore', message='.*TF32.*')   # allow_tf32 is deprecated in new torch; train.py sets it too
-    common.run(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -8,19 +8,23 @@ A DeepSeek-style language model in one file.
     RMSNorm -> LM head
 
 Reading order: ModelConfig; RoPE and the two attention types; the MoE (Router, experts); Block;
-KVCache; DeepSeekLM (forward, balancing, optimizers, generation); then Muon, and at the end the
-kernels (grouped matmul, the chunked head + loss, a permutation gather). ModelConfig's defaults are
-the reference configuration of the architecture card, config/deepseek.py: 679.8M parameters, 226.8M
+KVCache; DeepSeekLM (forward, balancing, optimizers, generation). How the experts' matmuls and the
+chunked loss run is in kernel.py; the Muon optimizer in optim.py. ModelConfig's defaults are the
+reference configuration of the architecture card, config/deepseek.py: 679.8M parameters, 226.8M
 active per token.
 """
 
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from kernel import GatherRows, grouped_mm, linear_cross_entropy, matmul_dtype
+from optim import Muon
 
 
 @dataclass
@@ -136,8 +140,9 @@ def attend(q, k, v, attn_mask, is_causal, scale=None):
 # Attention type 1 (the card's): grouped-query attention with learnable latent tokens
 
 class LatentTokenAttention(nn.Module):
-    """12 query heads share 4 key/value heads. Each layer owns n_latent learnable vectors whose keys and
-    values sit ahead of the sequence, unrotated, visible to every query (a learned attention sink)."""
+    """Grouped-query attention: n_head query heads share n_kv_head key/value heads (the card: 12 and 4).
+    Each layer owns n_latent learnable vectors whose keys and values sit ahead of the sequence,
+    unrotated, visible to every query (a learned attention sink)."""
 
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -296,8 +301,9 @@ class Router(nn.Module):
             gate = gate / gate.sum(-1, keepdim=True)
         flat = expert.flatten()
         counts = torch.zeros_like(self.expert_counts).scatter_add_(0, flat, torch.ones_like(flat))
-        with torch.no_grad():
-            self.expert_counts += counts
+        if not RECOMPUTING[0]:   # a checkpointed block's second forward picks the same experts again
+            with torch.no_grad():
+                self.expert_counts += counts
         return gate, expert, counts
 
     def centered(self, x, real, cache):
@@ -318,7 +324,9 @@ class MoE(nn.Module):
     """Dropless top-k mixture of experts, each expert Linear(n_embd, expert_hidden) -> SiLU ->
     Linear(expert_hidden, n_embd) -> dropout. Training and prefill sort the (token, choice) pairs by
     expert, so each expert's tokens are one contiguous run, and run all experts as one grouped matmul;
-    decoding a handful of tokens runs just the chosen experts. No step waits for the device."""
+    decoding a handful of tokens runs just the chosen experts. Training never waits for the device on
+    the grouped-matmul path; decoding, and the per-expert fallback of fp16 GPUs, read the expert choices
+    back to the host (.tolist())."""
 
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -373,6 +381,24 @@ def max_violation(counts):
 
 # ----------------------------------------------------------------------------------------------
 # A block, and the KV cache that generation threads through the blocks
+
+RECOMPUTING = [False]   # True while activation checkpointing runs a block's forward again for its backward
+
+
+@contextmanager
+def recomputing():
+    RECOMPUTING[0] = True
+    try:
+        yield
+    finally:
+        RECOMPUTING[0] = False
+
+
+def recomputation_contexts():
+    """For torch.utils.checkpoint: nothing special the first time, `recomputing` the second. The random
+    numbers (router jitter, expert dropout) repeat by themselves: checkpoint restores the RNG state."""
+    return nullcontext(), recomputing()
+
 
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx):
@@ -474,6 +500,9 @@ class DeepSeekLM(nn.Module):
         cos, sin = rope_tables(config.rope_dim, config.block_size, config.rope_theta)
         self.register_buffer('rope_cos', cos, persistent=False)
         self.register_buffer('rope_sin', sin, persistent=False)
+        # Activation checkpointing (train.py's --activation_checkpointing): a block saves only its input for
+        # backward and runs its forward again there, trading a third more compute for most of the memory.
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -533,19 +562,20 @@ class DeepSeekLM(nn.Module):
         pos = pos.clamp(min=0)
         cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)   # (B, T, 1, D/2)
         x = self.wte(idx)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin, attn_mask, is_causal, cache, real if padded else None)
+            if recompute:   # keep only the block's input; its backward runs its forward again
+                x = checkpoint(block, x, cos, sin, attn_mask, is_causal, cache, real if padded else None,
+                               use_reentrant=False, context_fn=recomputation_contexts)
+            else:
+                x = block(x, cos, sin, attn_mask, is_causal, cache, real if padded else None)
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x), None
         h, t = x.reshape(B * T, -1), targets.reshape(-1)
-        dtype = matmul_dtype(h)   # the head's matmuls
+        dtype = matmul_dtype(h)   # autocast's, if on: it does not look inside the loss's own autograd Function
         with torch.autocast(h.device.type, enabled=False):
-            if reduction == 'none' or not torch.is_grad_enabled():   # evaluation: no gradients to precompute
-                with torch.no_grad():
-                    per_token = linear_cross_entropy_per_token(h.to(dtype), self.lm_head.weight.to(dtype), t)
-                return None, per_token if reduction == 'none' else per_token.sum() / (t != -1).sum().clamp(min=1)
-            return None, LinearCrossEntropy.apply(h, self.lm_head.weight, t, dtype)
+            return None, linear_cross_entropy(h, self.lm_head.weight, t, dtype, reduction)
 
     # --- loss-free load balancing -----------------------------------------------------------------
 
@@ -662,181 +692,3 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
         drop = probs.cumsum(-1) - probs > top_p   # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, sorted_idx, sorted_logits.masked_fill(drop, float('-inf')))
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Muon, the optimizer for the weight matrices (optimizer='muon')
-
-class Muon(torch.optim.Optimizer):
-    """Muon (Jordan et al. 2024) for weight matrices, and for stacks of them (the experts' (n_expert, in,
-    out) weights: each expert's matrix on its own). SGD with Nesterov momentum whose update is
-    orthogonalised by five Newton-Schulz steps, so that all directions of a matrix learn at the same
-    rate. The step is scaled to AdamW's update size, 0.2 * sqrt(max(rows, cols)) as in Moonlight (Liu et
-    al. 2025), so one learning rate serves both optimizers. torch.optim.Muon with
-    adjust_lr_fn='match_rms_adamw' is the same rule for 2-D weights only."""
-
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_steps=5):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group['params']:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p.grad))
-                buf.lerp_(p.grad, 1 - group['momentum'])
-                update = orthogonalize(p.grad.lerp(buf, group['momentum']), group['ns_steps'])
-                p.mul_(1 - group['lr'] * group['weight_decay'])
-                p.add_(update, alpha=-group['lr'] * 0.2 * max(p.shape[-2:]) ** 0.5)
-
-
-def orthogonalize(g, steps, eps=1e-7):
-    """The matrices of g (..., rows, cols) pushed towards the nearest semi-orthogonal ones (singular values
-    near 1) by a quintic Newton-Schulz iteration in bf16, with Muon's coefficients."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16().reshape(-1, *g.shape[-2:])
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)   # spectral norm <= 1
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    if tall:
-        x = x.mT
-    return x.reshape(g.shape)
-
-
-# ----------------------------------------------------------------------------------------------
-# Kernels: the experts' grouped matmul, the head and loss in chunks, the MoE's permutation gather
-
-@torch.library.custom_op("deepseek_nano::grouped_mm", mutates_args=())
-def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    """(N, K) @ (G, K, M) -> (N, M) with rows split into G groups at offs (offs[g] = end of group g);
-    or (K, N) @ (N, M) -> (G, K, M), the weight gradient. An opaque op to torch.compile, whose own shape
-    function for F.grouped_mm accepts only bf16. F.grouped_mm where its kernel exists (CPU; CUDA with
-    bf16 on compute capability 8.0+), else one matmul per group (fp16 GPUs such as the T4 and V100,
-    float64 anywhere)."""
-    if has_grouped_mm_kernel(a):
-        return F.grouped_mm(a, b, offs=offs)
-    return grouped_mm_loop(a, b, offs)
-
-
-def has_grouped_mm_kernel(a):
-    if not hasattr(F, 'grouped_mm'):   # torch before 2.9
-        return False
-    if a.device.type == 'cpu':
-        return a.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    return a.device.type == 'cuda' and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
-
-
-def grouped_mm_loop(a, b, offs):
-    """grouped_mm by plain matmuls, one per group: the fallback, and a reference for the kernel."""
-    ends = offs.tolist()
-    starts = [0] + ends[:-1]
-    if b.dim() == 3:
-        out = a.new_zeros(a.size(0), b.size(2))
-        for g, (s, e) in enumerate(zip(starts, ends)):
-            out[s:e] = a[s:e] @ b[g]
-        return out
-    return torch.stack([a[:, s:e] @ b[s:e] for s, e in zip(starts, ends)])
-
-
-@grouped_mm.register_fake
-def _(a, b, offs):
-    if b.dim() == 3:
-        return a.new_empty(a.size(0), b.size(2))
-    return a.new_empty(offs.size(0), a.size(0), b.size(1))
-
-
-def _grouped_mm_setup(ctx, inputs, output):
-    a, b, offs = inputs
-    ctx.save_for_backward(a, b, offs)
-
-
-def _grouped_mm_backward(ctx, grad):
-    a, b, offs = ctx.saved_tensors
-    grad = grad.contiguous()  # the kernel rejects stride-0 gradients (e.g. from y.sum())
-    return grouped_mm(grad, b.transpose(1, 2), offs), grouped_mm(a.t(), grad, offs), None
-
-
-grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
-
-
-def matmul_dtype(t):
-    """The dtype matmuls on t run in: autocast's where it is on, else t's own. For the code that calls
-    custom ops or torch.autograd.Functions, which autocast does not see."""
-    return torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
-
-
-def chunk_rows(h, w):
-    """Rows of the head's output per chunk: on a CPU few enough that a chunk's logits stay in cache; on a
-    GPU many, since big matmuls run best there and chunking only bounds memory."""
-    return max(1, (2**21 if h.device.type == 'cpu' else 2**26) // w.size(0))
-
-
-def linear_cross_entropy_per_token(h, w, targets):
-    """cross_entropy(h @ w.T, targets, reduction='none') chunk by chunk; 0 where targets == -1."""
-    out = []
-    for hc, tc in zip(h.split(chunk_rows(h, w)), targets.split(chunk_rows(h, w))):
-        logits = (hc @ w.t()).float()
-        out.append(F.cross_entropy(logits, tc, ignore_index=-1, reduction='none'))
-    return torch.cat(out)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross_entropy(h @ w.T, targets) over targets != -1, without the (N, vocab) logits: rows go
-    through in chunks, and each chunk's gradients (softmax - one-hot, times w and times h) are computed
-    right away, in the forward pass, while its logits are at hand; backward only scales them. The
-    matmuls run in `dtype` (autocast's); logits, softmax and the weight's gradient stay in fp32."""
-
-    @staticmethod
-    def forward(ctx, h, w, targets, dtype):
-        valid = targets != -1
-        n = valid.sum().clamp(min=1)
-        need_grad = any(ctx.needs_input_grad[:2])
-        hd, wd = h.to(dtype), w.to(dtype)
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_grad else None
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        rows = chunk_rows(h, w)
-        for start in range(0, h.size(0), rows):
-            hc, tc, vc = hd[start:start + rows], targets[start:start + rows], valid[start:start + rows]
-            logits = (hc @ wd.t()).float()
-            lse = logits.logsumexp(-1)
-            tc = tc.clamp(min=0)
-            loss += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc).sum()
-            if need_grad:
-                p = logits.sub_(lse[:, None]).exp_()                  # softmax, in place of the logits
-                p[torch.arange(len(tc), device=p.device), tc] -= 1   # minus the one-hot target
-                p *= vc[:, None]
-                p = p.to(dtype)
-                grad_h[start:start + rows] = p @ wd
-                grad_w += (p.t() @ hc).float()
-        if need_grad:
-            ctx.save_for_backward(grad_h / n, grad_w.to(w.dtype) / n)
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad, grad_w * grad, None, None
-
-
-class GatherRows(torch.autograd.Function):
-    """rows[s] = x[perm[s] // k] for a permutation `perm` of the N*k (token, choice) pairs, inv = its inverse.
-    Autograd's own backward for x[idx] scatter-adds (slow on CPU, nondeterministic on CUDA); knowing the
-    permutation, the backward is a gather instead: grad_x[t] = sum_j grad[inv[t*k + j]]."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inv, k):
-        ctx.save_for_backward(inv)
-        ctx.k = k
-        return x.index_select(0, perm // k)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inv, = ctx.saved_tensors
-        grad = grad.index_select(0, inv)
-        return (grad if ctx.k == 1 else grad.unflatten(0, (-1, ctx.k)).sum(1)), None, None, None

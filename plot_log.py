@@ -11,8 +11,8 @@ import json
 import os
 import sys
 
-import common
-from common import UserError
+import cli
+from cli import UserError
 
 DEFAULTS = dict(
     out_dir='out-deepseek',   # the run's folder: train.py's default, or the one a training config sets
@@ -23,7 +23,7 @@ DEFAULTS = dict(
 
 
 def main(argv):
-    cfg, _ = common.parse_config(argv, DEFAULTS, skip_file_keys=True)   # of a training config: its out_dir
+    cfg, _ = cli.parse_config(argv, DEFAULTS, skip_file_keys=True)   # of a training config: its out_dir
     log = cfg['log'] or os.path.join(cfg['out_dir'], 'log.jsonl')
     png = cfg['png'] or os.path.join(cfg['out_dir'], 'run.png')
     if not os.path.isfile(log):
@@ -119,4 +119,4 @@ def load_over_training(evals, key):
 
 
 if __name__ == '__main__':
-    common.run(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])

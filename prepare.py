@@ -32,11 +32,14 @@ import numpy as np
 import requests
 import urllib3
 
-import common
-from common import EOT, UserError
+import checkpoint
+import cli
+import dataset
+from cli import UserError
+from dataset import EOT
 
-DEFAULTS = dict(common.DATASET_DEFAULTS, force=False)   # force: prepare (and download) again
-DEPENDS_ON = tuple(k for k in common.DATASET_DEFAULTS if k != 'data_dir')   # same values + same text = no-op
+DEFAULTS = dict(dataset.DATASET_DEFAULTS, force=False)   # force: prepare (and download) again
+DEPENDS_ON = tuple(k for k in dataset.DATASET_DEFAULTS if k != 'data_dir')   # same values + same text = no-op
 
 # online datasets: [(file name in raw/, url, sha256 or None where unknown)]; two files are (train, val)
 DOWNLOADS = {
@@ -66,12 +69,12 @@ STALL_SECONDS = 150                    # the headers (with retries), then each c
 def main(argv):
     """Prepare the dataset that argv describes; returns its meta dict."""
     t0 = time.time()
-    cfg, _ = common.parse_config(argv, DEFAULTS, skip_file_keys=True)
+    cfg, _ = cli.parse_config(argv, DEFAULTS, skip_file_keys=True)
     check_config(cfg)
-    data_dir = common.data_dir_of(cfg)
-    with common.lock_folder(data_dir, 'prepare run'):
+    data_dir = dataset.data_dir_of(cfg)
+    with checkpoint.lock_folder(data_dir, 'prepare run'):
         try:
-            old = common.read_meta(data_dir)
+            old = dataset.read_meta(data_dir)
         except UserError:   # no dataset, or an unfinished one: nothing to protect
             old = None
         if old and not cfg['force'] and any(old['config'].get(k) != cfg[k] for k in ('dataset', 'url', 'input')):
@@ -105,9 +108,9 @@ def check_config(cfg):
     if not given and name not in BUILTIN:
         raise UserError(f"unknown dataset '{name}': use {', '.join(BUILTIN)}, or --url=URL / --input=PATH "
                         f"with a name of your own")
-    common.check_ranges(cfg, {
+    cli.check_ranges(cfg, {
         'url': (lambda v: not v or urlparse(v).scheme in ('http', 'https'), "an http(s) URL (local files: --input)"),
-        'tokenizer': (lambda v: v in ('bpe', *common.PRETRAINED), f"bpe or one of {', '.join(common.PRETRAINED)}"),
+        'tokenizer': (lambda v: v in ('bpe', *dataset.PRETRAINED), f"bpe or one of {', '.join(dataset.PRETRAINED)}"),
         'sha256': (lambda v: re.fullmatch(r'[0-9a-fA-F]{64}|', v), "64 hex digits (or empty)"),
         'vocab_size': (lambda v: cfg['tokenizer'] != 'bpe' or 257 <= v <= 2**24,
                        f"at least 257 (256 bytes + {EOT}) and at most {2**24:,}"),
@@ -264,12 +267,12 @@ def checked_sha256(path):
 def make_tokenizer(cfg, source):
     """(tiktoken encoding, its meta.json entry, the ranks file's text or None)."""
     if cfg['tokenizer'] != 'bpe':
-        enc = common.pretrained_encoding(cfg['tokenizer'])   # all of them have <|endoftext|>
+        enc = dataset.pretrained_encoding(cfg['tokenizer'])   # all of them have <|endoftext|>
         return enc, dict(kind='tiktoken', name=enc.name, pattern=None, ranks_crc32=None, n_vocab=enc.n_vocab,
                          vocab_size_target=None), None
-    ranks = common.ranks_text(train_bpe(source['train'](), cfg['vocab_size']))
+    ranks = dataset.ranks_text(train_bpe(source['train'](), cfg['vocab_size']))
     spec = dict(kind='bpe', name=f"{cfg['dataset']}-bpe", pattern=GPT4_PATTERN, ranks=ranks)
-    enc = common.load_tokenizer(spec)   # sampling's own loader: the .bin files hold exactly the ids it decodes
+    enc = dataset.load_tokenizer(spec)   # sampling's own loader: the .bin files hold exactly the ids it decodes
     return enc, dict(kind='bpe', name=spec['name'], pattern=GPT4_PATTERN, ranks_crc32=zlib.crc32(ranks.encode()),
                      n_vocab=enc.n_vocab, vocab_size_target=cfg['vocab_size']), ranks
 
@@ -299,9 +302,9 @@ def train_bpe(pieces, vocab_size):
 
 def write_dataset(cfg, data_dir, source, enc, tokenizer, ranks):
     """Every file under a temporary name, renamed into place; meta.json last."""
-    path = {name: os.path.join(data_dir, name) for name in ('train.bin', 'val.bin', common.RANKS_FILE, 'meta.json')}
+    path = {name: os.path.join(data_dir, name) for name in ('train.bin', 'val.bin', dataset.RANKS_FILE, 'meta.json')}
     # the old dataset stops being valid before anything changes
-    common.remove(path['meta.json'], path[common.RANKS_FILE])
+    checkpoint.remove(path['meta.json'], path[dataset.RANKS_FILE])
     dtype = 'uint16' if enc.n_vocab <= 2**16 else 'uint32'
     tmp = {split: path[f'{split}.bin'] + '.tmp' for split in ('train', 'val')}
     try:
@@ -311,15 +314,15 @@ def write_dataset(cfg, data_dir, source, enc, tokenizer, ranks):
         for split in tmp:
             os.replace(tmp[split], path[f'{split}.bin'])
     finally:
-        common.remove(*tmp.values())
+        checkpoint.remove(*tmp.values())
     if ranks is not None:
-        common.write_atomic(path[common.RANKS_FILE], ranks.encode('ascii'))
-    meta = dict(format=common.DATA_FORMAT, dataset=cfg['dataset'],
+        checkpoint.write_atomic(path[dataset.RANKS_FILE], ranks.encode('ascii'))
+    meta = dict(format=dataset.DATA_FORMAT, dataset=cfg['dataset'],
                 source={k: source[k] for k in ('description', 'sha256', 'files', 'val_names')},
                 tokenizer=tokenizer, n_vocab=enc.n_vocab, dtype=dtype, eot_id=enc.encode_single_token(EOT),
                 **{f'{split}_{k}': stats[split][k] for split in ('train', 'val') for k in ('tokens', 'docs', 'bytes')},
                 config={k: cfg[k] for k in DEPENDS_ON})
-    common.write_atomic(path['meta.json'], (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
+    checkpoint.write_atomic(path['meta.json'], (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
     return meta
 
 
@@ -385,7 +388,7 @@ def fetch(url, path, sha256='', force=False):
             raise UserError(f"sha256 mismatch for {url}: expected {sha256}, got {sha} (file removed; the source "
                             f"changed or the download is damaged)")
     except UserError:
-        common.remove(part)
+        checkpoint.remove(part)
         raise
     os.replace(part, path)
     return sha
@@ -444,4 +447,4 @@ def watchdog(seconds, message=''):
 
 
 if __name__ == '__main__':
-    common.run(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])

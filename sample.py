@@ -24,8 +24,11 @@ import time
 
 import torch
 
-import common
-from common import EOT, UserError
+import checkpoint
+import cli
+import dataset
+from cli import UserError
+from dataset import EOT
 from model import DeepSeekLM
 
 # -----------------------------------------------------------------------------
@@ -44,7 +47,7 @@ dtype = 'auto'             # 'auto' = bfloat16 on CUDA if supported, float32 els
 compile = False            # torch.compile the model (pays off for long generations on a GPU)
 use_cache = True           # False = recompute the whole window for every token (slow; for comparison)
 # -----------------------------------------------------------------------------
-DEFAULTS = common.settings_of(globals())
+DEFAULTS = cli.settings_of(globals())
 RULES = {
     'num_samples': (lambda v: v > 0, "> 0"),
     'max_new_tokens': (lambda v: v > 0, "> 0"),
@@ -57,16 +60,16 @@ RULES = {
 
 def main(argv):
     """Print the samples; returns their texts."""
-    cfg, _ = common.parse_config(argv, DEFAULTS, skip_file_keys=True)   # of a training config: its out_dir
-    common.check_ranges(cfg, RULES)
+    cfg, _ = cli.parse_config(argv, DEFAULTS, skip_file_keys=True)   # of a training config: its out_dir
+    cli.check_ranges(cfg, RULES)
     prompts, from_file = read_prompts(cfg['start'])   # before the (maybe slow) load: fail fast
-    dev, dt = common.pick_device(cfg['device'], cfg['dtype'])
+    dev, dt = cli.pick_device(cfg['device'], cfg['dtype'])
     device_type = dev.split(':')[0]
 
     # --- model and tokenizer, both from the checkpoint --------------------------------------------
     path = checkpoint_path(cfg)
-    ck, mconf = common.load_checkpoint(path)
-    enc = common.load_tokenizer(ck['tokenizer'])
+    ck, mconf = checkpoint.load_checkpoint(path)
+    enc = dataset.load_tokenizer(ck['tokenizer'])
     eot = enc.encode_single_token(EOT)
     with torch.device(dev):   # initialise straight on the device: much faster than on the CPU for big models
         model = DeepSeekLM(mconf)
@@ -97,16 +100,16 @@ def main(argv):
     # --- generate and print, one sample at a time: a prefill, then one token per step --------------
     def tokens(prompt_ids, n):
         idx = torch.tensor([prompt_ids], device=dev)
-        with common.autocast(device_type, dt):
+        with cli.autocast(device_type, dt):
             for nxt in model.generate_tokens(idx, n, temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
                                              top_p=cfg['top_p'], use_cache=cfg['use_cache']):
                 yield int(nxt[0])
 
     for _ in tokens(ids[0], 2):   # warm-up, so tokens/s measures generation, not one-time setup
         pass
-    token_text = common.text_bytes(enc, mconf.vocab_size)
+    token_text = dataset.text_bytes(enc, mconf.vocab_size)
     torch.manual_seed(cfg['seed'])
-    common.sync(device_type)
+    cli.sync(device_type)
     t0, n_new, texts = time.time(), 0, []
     for i, prompt_ids in enumerate(ids):
         print(f"--- sample {i + 1} ---", flush=True)
@@ -118,7 +121,7 @@ def main(argv):
                 break
             text.add([token])
         texts.append(text.end())
-    common.sync(device_type)
+    cli.sync(device_type)
     seconds = time.time() - t0
     print(f"{n_new:,} tokens in {seconds:.2f}s: {n_new / max(seconds, 1e-9):,.1f} tokens/s ({len(ids)} sample"
           f"{'s' if len(ids) > 1 else ''} x up to {cfg['max_new_tokens']} new tokens, KV cache "
@@ -127,7 +130,7 @@ def main(argv):
 
 
 class Printer:
-    """Writes tokens to stdout as text while they come, given each id's bytes (common.text_bytes). A token
+    """Writes tokens to stdout as text while they come, given each id's bytes (dataset.text_bytes). A token
     can end inside a UTF-8 character, so bytes go through an incremental decoder."""
 
     def __init__(self, token_text):
@@ -162,7 +165,7 @@ def train_command(out_dir):
     config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
     for path in sorted(glob.glob(os.path.join(config_dir, '*.py'))):
         try:
-            cfg, _ = common.parse_config([path], {'out_dir': ''}, skip_file_keys=True)
+            cfg, _ = cli.parse_config([path], {'out_dir': ''}, skip_file_keys=True)
         except UserError:
             continue   # a config that only runs from the repo root, say
         if cfg['out_dir'] == out_dir:
@@ -188,4 +191,4 @@ def read_prompts(start):
 
 
 if __name__ == '__main__':
-    common.run(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -22,8 +22,10 @@ import warnings
 import numpy as np
 import torch
 
-import common
-from common import UserError
+import checkpoint
+import cli
+import dataset as ds
+from cli import UserError
 from model import DeepSeekLM, ModelConfig, max_violation
 
 # -----------------------------------------------------------------------------
@@ -61,7 +63,7 @@ device = 'auto'            # 'auto' = cuda > mps > cpu
 dtype = 'auto'             # 'auto' = bfloat16 on CUDA if supported (else float16), float32 elsewhere
 compile = None             # None = on CUDA only; True / False
 # -----------------------------------------------------------------------------
-TRAIN_DEFAULTS = common.settings_of(globals())
+TRAIN_DEFAULTS = cli.settings_of(globals())
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 DEFAULTS = {**MODEL_DEFAULTS, **TRAIN_DEFAULTS}
 
@@ -89,8 +91,8 @@ RULES = {
 
 
 def main(argv):
-    cfg, given = common.parse_config(argv, DEFAULTS, skip_file_keys=common.DATASET_DEFAULTS)
-    common.check_ranges(cfg, RULES)
+    cfg, given = cli.parse_config(argv, DEFAULTS, skip_file_keys=ds.DATASET_DEFAULTS)
+    cli.check_ranges(cfg, RULES)
     if cfg['min_lr'] > cfg['learning_rate']:
         raise UserError(f"min_lr {cfg['min_lr']} is above learning_rate {cfg['learning_rate']}: lower --min_lr")
     try:
@@ -98,18 +100,18 @@ def main(argv):
         ModelConfig(**model_args)
     except ValueError as e:
         raise UserError(f"bad model config: {e}") from None
-    common.keep_freed_memory()
+    cli.keep_freed_memory()
 
     # --- processes and devices -------------------------------------------------------------------
     ddp = 'RANK' in os.environ
     rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
     master = rank == 0
-    dev, ptdtype = common.pick_device(cfg['device'], cfg['dtype'])
+    dev, ptdtype = cli.pick_device(cfg['device'], cfg['dtype'])
     if ddp and dev.startswith('cuda'):
         dev = f'cuda:{local_rank}'
         torch.cuda.set_device(dev)
     device_type = dev.split(':')[0]
-    autocast = common.autocast(device_type, ptdtype)
+    autocast = cli.autocast(device_type, ptdtype)
     use_compile = device_type == 'cuda' if cfg['compile'] is None else cfg['compile']
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -121,18 +123,18 @@ def main(argv):
     if cfg['init_from'] == 'resume':
         if not os.path.exists(ckpt_path):
             raise UserError(f"no checkpoint at {ckpt_path} to resume: train first without --init_from=resume")
-        ckpt, _ = common.load_checkpoint(ckpt_path, parts=('model', 'optimizer', 'rng', 'config'))
+        ckpt, _ = checkpoint.load_checkpoint(ckpt_path, parts=('model', 'optimizer', 'rng', 'config'))
         for k in TRAIN_DEFAULTS.keys() - given - RUN_KEYS:   # the run goes on with the recipe it started with
             cfg[k] = ckpt['config'].get(k, cfg[k])
         model_args = check_resume(ckpt, ckpt_path, cfg, given)
-    ddir = common.data_dir_of(cfg)
-    data_lock = common.lock_folder(ddir, 'training run', shared=True) if os.path.isdir(ddir) else None  # noqa: F841
+    ddir = ds.data_dir_of(cfg)
+    data_lock = checkpoint.lock_folder(ddir, 'training run', shared=True) if os.path.isdir(ddir) else None  # noqa: F841
     if ckpt is None:   # for the messages, how to make this data: the config files and data overrides given
-        data_args = [path or f'--{key}={raw}' for key, raw, path in common.split_argv(argv, DEFAULTS)
-                     if path or key in common.DATASET_DEFAULTS]
-        prepare_cmd = common.prepare_command(ddir, data_args)
-        meta = common.read_meta(ddir, prepare_cmd)
-        tok_spec = common.tokenizer_spec(ddir, meta, prepare_cmd)
+        data_args = [path or f'--{key}={raw}' for key, raw, path in cli.split_argv(argv, DEFAULTS)
+                     if path or key in ds.DATASET_DEFAULTS]
+        prepare_cmd = ds.prepare_command(ddir, data_args)
+        meta = ds.read_meta(ddir, prepare_cmd)
+        tok_spec = ds.tokenizer_spec(ddir, meta, prepare_cmd)
     else:   # a resume reads the very data it was trained on
         prepare_cmd = remake_command(ckpt, ddir)
         meta, tok_spec = checkpoint_data(ckpt, ckpt_path, ddir, prepare_cmd)
@@ -141,7 +143,7 @@ def main(argv):
     mconf = ModelConfig(**model_args)
     check_memory(mconf, dev, device_type, out)
     if master:   # one run per out_dir at a time, and a finished run is never replaced by accident
-        lock = common.lock_folder(out, 'training run')   # noqa: F841 (held until the process ends)
+        lock = checkpoint.lock_folder(out, 'training run')   # noqa: F841 (held until the process ends)
         holds_run = any(os.path.exists(p) for p in (ckpt_path, best_path, log_path))
         if cfg['init_from'] == 'scratch' and holds_run and not cfg['overwrite']:
             if not os.path.exists(ckpt_path):   # stopped before its first checkpoint: nothing to resume
@@ -197,14 +199,14 @@ def main(argv):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
 
-    enc = common.load_tokenizer(tok_spec)
+    enc = ds.load_tokenizer(tok_spec)
     # bits per byte: each target's UTF-8 bytes, 0 for <|endoftext|>
-    token_bytes = torch.tensor([len(b) for b in common.text_bytes(enc, mconf.vocab_size)], dtype=torch.float32,
+    token_bytes = torch.tensor([len(b) for b in ds.text_bytes(enc, mconf.vocab_size)], dtype=torch.float32,
                                device=dev)
     block_size = mconf.block_size
     tokens_per_iter = cfg['batch_size'] * block_size * cfg['gradient_accumulation_steps'] * world
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter / world   # per process
-    peak = common.gpu_peak_flops(device_type)
+    peak = cli.gpu_peak_flops(device_type)
     start_iter = iter_num
 
     def log(record, line):
@@ -223,13 +225,13 @@ def main(argv):
             ck['scaler'] = scaler.state_dict() if scaler.is_enabled() else None
             ck['rng'] = {'rank': rank, 'torch': torch.get_rng_state(), 'data': data_rng.bit_generator.state,
                          'cuda': torch.cuda.get_rng_state(dev) if device_type == 'cuda' else None}
-        common.save_checkpoint(ck, path)
+        checkpoint.save_checkpoint(ck, path)
 
     if master:
         if start_iter:
             keep_log_until(log_path, start_iter)   # a killed run logged steps past its checkpoint
         else:
-            common.remove(ckpt_path, best_path, log_path)   # --overwrite: a new run starts a new record
+            checkpoint.remove(ckpt_path, best_path, log_path)   # --overwrite: a new run starts a new record
         print(f"model: {raw_model.num_params():,} parameters, {raw_model.num_params(active=True):,} active per token | "
               f"{mconf.attention} attention, {mconf.n_layer} layers, {mconf.n_expert} experts top-{mconf.n_expert_active}")
         print(f"data: {ddir} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, vocab {meta['n_vocab']})")
@@ -358,8 +360,8 @@ def remake_command(ckpt, ddir):
     if made_with is None:
         return None
     settings = {**made_with, 'data_dir': ddir}
-    return common.prepare_command(ddir, [f'--{k}={v}' for k, v in settings.items()
-                                         if v != common.DATASET_DEFAULTS.get(k)])
+    return ds.prepare_command(ddir, [f'--{k}={v}' for k, v in settings.items()
+                                         if v != ds.DATASET_DEFAULTS.get(k)])
 
 
 def checkpoint_data(ckpt, path, ddir, prepare_cmd):
@@ -372,8 +374,8 @@ def checkpoint_data(ckpt, path, ddir, prepare_cmd):
     elsewhere = os.path.realpath(trained_on) != os.path.realpath(ddir)
     if elsewhere and data_of_checkpoint_in(ckpt, trained_on):
         raise UserError(f"{ddir} does not hold the data {path} was trained on: resume with --data_dir={trained_on}")
-    meta = common.read_meta(ddir, prepare_cmd)   # missing or damaged data: these say how to make it again
-    common.tokenizer_spec(ddir, meta, prepare_cmd)
+    meta = ds.read_meta(ddir, prepare_cmd)   # missing or damaged data: these say how to make it again
+    ds.tokenizer_spec(ddir, meta, prepare_cmd)
     made_with, new_model = ckpt['data'].get('prepared_with'), "or train a new model into another --out_dir"
     if made_with is None:   # a checkpoint that did not record how its data was made
         fix = f"prepare it again with the settings it was trained on, {new_model}"
@@ -397,7 +399,7 @@ def remake_advice(ckpt, folder):
     """The prepare command that makes the checkpoint's data again in folder, with --force where prepare
     needs it: where the folder holds another text."""
     try:
-        held = common.read_meta(folder)['config']
+        held = ds.read_meta(folder)['config']
     except UserError:   # nothing there, or nothing intact: prepare writes it without asking
         held = ckpt['data']['prepared_with']
     return remake_command(ckpt, folder) + ('' if same_text(held, ckpt['data']['prepared_with']) else ' --force')
@@ -406,8 +408,8 @@ def remake_advice(ckpt, folder):
 def data_of_checkpoint_in(ckpt, ddir):
     """(meta, tokenizer spec) of ddir where it holds the very data the checkpoint was trained on, else None."""
     try:
-        meta = common.read_meta(ddir)
-        tok_spec = common.tokenizer_spec(ddir, meta)
+        meta = ds.read_meta(ddir)
+        tok_spec = ds.tokenizer_spec(ddir, meta)
     except UserError:
         return None
     if (ckpt['tokenizer'] == tok_spec and ckpt['data']['source'] == meta['source']['sha256']
@@ -526,7 +528,7 @@ def keep_log_until(path, iter_num):
             if isinstance(r, dict) and isinstance(r.get('iter', 0), int) and r.get('iter', 0) <= iter_num \
                     and r.get('kind') != 'summary':
                 kept.append(r)
-    common.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept).encode())
+    checkpoint.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept).encode())
 
 
 def diverged(what, ckpt_path):
@@ -555,4 +557,4 @@ def fmt_time(s):
 
 
 if __name__ == '__main__':
-    common.run(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])

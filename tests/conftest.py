@@ -1,4 +1,4 @@
-# Let the tests import the repo's top-level modules (model, common, train, ...) under plain `pytest` too.
+# Let the tests import the repo's top-level modules (model, cli, train, ...) under plain `pytest` too.
 import os
 import sys
 

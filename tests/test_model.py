@@ -421,8 +421,8 @@ def test_left_padding_matches_unpadded(variant):
 def test_chunked_loss_equals_cross_entropy_of_the_logits(monkeypatch):
     """The fused head + loss (rows in chunks, gradients computed in the forward pass) against the plain
     cross-entropy of the full logits: loss, per-token losses and gradients, with ignored targets (-1)."""
-    import model as model_module
-    monkeypatch.setattr(model_module, 'chunk_rows', lambda h, w: 5)   # several chunks, the last one short
+    import kernel
+    monkeypatch.setattr(kernel, 'chunk_rows', lambda h, w: 5)   # several chunks, the last one short
     m = make_model()
     m.train()
     idx, tgt = tokens((2, 8), 6), tokens((2, 8), 7)
@@ -445,19 +445,24 @@ def test_chunked_loss_equals_cross_entropy_of_the_logits(monkeypatch):
 
 
 def test_loss_under_no_grad_skips_the_fused_gradients(monkeypatch):
-    """Evaluating with `torch.no_grad()` (nanoGPT's estimate_loss) gives the same mean loss without the
-    fused function, which would compute the head's gradients in its forward pass all the same."""
-    import model as model_module
+    """Evaluating with `torch.no_grad()` (nanoGPT's estimate_loss) gives the same mean loss, and the loss
+    computes no gradients in its forward pass, as it does when training."""
+    import kernel
     m = make_model()
     idx, tgt = tokens((2, 8), 6), tokens((2, 8), 7)
     tgt[1, 5:] = -1
     _, want = m(idx, tgt)
+    asked, apply = [], kernel.LinearCrossEntropy.apply
 
-    def refuse(*args):
-        raise AssertionError('fused loss ran under no_grad')
-    monkeypatch.setattr(model_module.LinearCrossEntropy, 'apply', refuse)
+    def spy(*args):
+        asked.append(args[-1])   # need_grad
+        return apply(*args)
+    monkeypatch.setattr(kernel.LinearCrossEntropy, 'apply', spy)
     with torch.no_grad():
         _, loss = m(idx, tgt)
+    _, _ = m(idx, tgt, reduction='none')
+    m(idx, tgt)
+    assert asked == [False, False, True]
     torch.testing.assert_close(loss, want.detach(), atol=ATOL, rtol=ATOL)
 
 
@@ -590,8 +595,8 @@ def test_expert_dropout_only_in_training_on_expert_outputs():
 def test_grouped_mm_fallback_loop_equals_kernel():
     """GPUs without the grouped-matmul kernel (fp16, compute capability < 8.0) take one matmul per group;
     on the CPU both exist, so the loop is checked against the kernel in both forms and through the MoE."""
-    from model import grouped_mm_loop
-    import model as model_module
+    import kernel
+    from kernel import grouped_mm_loop
     torch.manual_seed(9)
     a, b = torch.randn(10, 8), torch.randn(3, 8, 16)
     offs = torch.tensor([4, 4, 10], dtype=torch.int32)           # an empty group in the middle
@@ -602,13 +607,13 @@ def test_grouped_mm_fallback_loop_equals_kernel():
     x = torch.randn(2, 12, 64, requires_grad=True)
     y = moe(x)
     grads = torch.autograd.grad(y.square().sum(), [x, moe.w1, moe.w2])
-    real = model_module.has_grouped_mm_kernel
-    model_module.has_grouped_mm_kernel = lambda a: False
+    real = kernel.has_grouped_mm_kernel
+    kernel.has_grouped_mm_kernel = lambda a: False
     try:
         y2 = moe(x)
         grads2 = torch.autograd.grad(y2.square().sum(), [x, moe.w1, moe.w2])
     finally:
-        model_module.has_grouped_mm_kernel = real
+        kernel.has_grouped_mm_kernel = real
     torch.testing.assert_close(y2, y, atol=ATOL, rtol=ATOL)
     for g1, g2 in zip(grads, grads2):
         torch.testing.assert_close(g2, g1, atol=ATOL, rtol=ATOL)
@@ -949,7 +954,7 @@ def test_bf16_autocast_forward_backward(variant):
 # 13. Muon
 
 def test_muon_matches_torch_muon_on_matrices_and_runs_each_expert_on_its_own():
-    from model import Muon, orthogonalize
+    from optim import Muon, orthogonalize
     torch.manual_seed(10)
     g = torch.randn(3, 16, 40)
     o = orthogonalize(g, 5)
@@ -1007,3 +1012,34 @@ def test_flops_per_token(variant):
     # forward + backward = 3x
     attn = 3 * 2 * c.n_layer * c.n_head * width * (c.n_latent + (T + 1) / 2)
     assert m.flops_per_token(T) == pytest.approx(6 * active + attn, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# activation checkpointing
+
+@pytest.mark.parametrize('grouped', [True, False])
+def test_activation_checkpointing_gives_the_same_gradients_and_counts(monkeypatch, grouped):
+    """With activation checkpointing each block runs its forward again in backward. The recomputation must
+    draw the same router jitter and expert dropout (checkpoint restores the RNG state) and must not count
+    the routers' picks twice: loss, every gradient and the balancing counts are bit-identical to a run
+    without it, on the grouped-matmul path and on the per-expert fallback of fp16 GPUs."""
+    import kernel
+    if not grouped:
+        monkeypatch.setattr(kernel, 'has_grouped_mm_kernel', lambda a: False)
+    m = make_model(expert_dropout=0.2, router_jitter=0.2).train()
+    assert not m.activation_checkpointing   # off unless train.py turns it on
+    idx, tgt = tokens((2, 16), 6), tokens((2, 16), 7)
+    runs = []
+    for on in (False, True):
+        m.activation_checkpointing = on
+        m.zero_grad()
+        m.reset_expert_counts()
+        torch.manual_seed(11)
+        _, loss = m(idx, tgt)
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in m.parameters()], m.expert_counts().clone()))
+    (loss0, grads0, counts0), (loss1, grads1, counts1) = runs
+    assert torch.equal(loss0, loss1) and torch.equal(counts0, counts1)
+    assert counts0.sum() == 2 * 16 * m.config.n_expert_active * m.config.n_layer
+    for (name, _), g0, g1 in zip(m.named_parameters(), grads0, grads1):
+        assert torch.equal(g0, g1), name

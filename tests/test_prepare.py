@@ -24,9 +24,12 @@ import tiktoken
 import tiktoken.load
 import torch
 
-import common
+import checkpoint
+import cli
+import dataset
 import prepare
-from common import EOT, UserError
+from cli import UserError
+from dataset import EOT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--max_docs=2', '--val_docs=1', '--vocab_size=300']   # 2 plays, a 300-token BPE: fast
@@ -41,12 +44,12 @@ ODD_TEXT = [
 
 
 def tokenizer_of(data_dir):
-    return common.load_tokenizer(common.tokenizer_spec(data_dir, common.read_meta(data_dir)))
+    return dataset.load_tokenizer(dataset.tokenizer_spec(data_dir, dataset.read_meta(data_dir)))
 
 
 def decoded(data_dir, split):
     """The documents of a split's .bin, decoded; the file must start with EOT."""
-    meta = common.read_meta(data_dir)
+    meta = dataset.read_meta(data_dir)
     ids = np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'])
     assert ids[0] == meta['eot_id']
     return tokenizer_of(data_dir).decode(ids.tolist()).split(EOT)[1:]
@@ -62,7 +65,7 @@ def cli_error(args, capsys):
     """What the command line prints for args: exactly one stderr line, exit code 2, no traceback."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        common.run(prepare.main, args)
+        cli.run(prepare.main, args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
     return err
@@ -79,9 +82,9 @@ def small(tmp_path_factory):
 
 def test_offline_end_to_end(small):
     data_dir, meta = small
-    assert common.read_meta(data_dir) == meta
+    assert dataset.read_meta(data_dir) == meta
     assert sorted(os.listdir(data_dir)) == ['.lock', 'meta.json', 'tokenizer.tiktoken', 'train.bin', 'val.bin']
-    assert meta['format'] == common.DATA_FORMAT and meta['dataset'] == 'shakespeare' and meta['dtype'] == 'uint16'
+    assert meta['format'] == dataset.DATA_FORMAT and meta['dataset'] == 'shakespeare' and meta['dtype'] == 'uint16'
     assert (meta['train_docs'], meta['val_docs']) == (3, 1)
     # 4 plays are too little text for 49,152 tokens: merges run out and the real count is recorded
     assert 1000 < meta['n_vocab'] <= 49152 == meta['tokenizer']['vocab_size_target']
@@ -123,7 +126,7 @@ def test_play_text_strips_markdown():
 def test_tiktoken_loads_our_ranks_file(small, monkeypatch):
     data_dir, meta = small
     monkeypatch.setenv('TIKTOKEN_CACHE_DIR', '')   # tiktoken caches by path: read the real file
-    ranks = tiktoken.load.load_tiktoken_bpe(os.path.join(data_dir, common.RANKS_FILE))
+    ranks = tiktoken.load.load_tiktoken_bpe(os.path.join(data_dir, dataset.RANKS_FILE))
     assert len(ranks) == meta['n_vocab'] - 1 and meta['tokenizer']['pattern'] == prepare.GPT4_PATTERN
     theirs = tiktoken.Encoding('theirs', pat_str=prepare.GPT4_PATTERN, mergeable_ranks=ranks,
                                special_tokens={EOT: len(ranks)})
@@ -144,11 +147,11 @@ def test_odd_unicode_round_trips(small):
 
 def test_tokenizer_spec_survives_torch_save(small, tmp_path):
     data_dir, meta = small
-    spec = common.tokenizer_spec(data_dir, meta)
+    spec = dataset.tokenizer_spec(data_dir, meta)
     torch.save({'tokenizer': spec}, tmp_path / 'ckpt.pt')
     loaded = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['tokenizer']
     assert loaded == spec and loaded['kind'] == 'bpe' and loaded['n_vocab'] == meta['n_vocab']
-    assert common.load_tokenizer(loaded).encode_ordinary("To be, or not to be") == \
+    assert dataset.load_tokenizer(loaded).encode_ordinary("To be, or not to be") == \
         tokenizer_of(data_dir).encode_ordinary("To be, or not to be")
 
 
@@ -186,7 +189,7 @@ def test_crash_mid_write_leaves_no_dataset(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match='simulated'):
         prepare.main([f'--data_dir={d}', *TINY])
     with pytest.raises(UserError, match="no dataset in"):
-        common.read_meta(d)
+        dataset.read_meta(d)
     assert not [f for f in os.listdir(d) if f.endswith('.tmp')]
     # a finished dataset redone with --force that crashes is not accepted either: never a mix of old and new
     monkeypatch.setattr(prepare, 'write_tokens', real)
@@ -195,7 +198,7 @@ def test_crash_mid_write_leaves_no_dataset(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         prepare.main([f'--data_dir={d}', *TINY, '--force'])
     with pytest.raises(UserError, match="no dataset in"):
-        common.read_meta(d)
+        dataset.read_meta(d)
 
 
 def test_killed_prepare_leaves_no_dataset(tmp_path):
@@ -211,7 +214,7 @@ def test_killed_prepare_leaves_no_dataset(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 9, r.stderr
     with pytest.raises(UserError, match="no dataset in"):
-        common.read_meta(d)
+        dataset.read_meta(d)
     assert prepare.main([f'--data_dir={d}', *TINY])['val_docs'] == 1   # the next run just works
 
 
@@ -221,21 +224,21 @@ def test_read_meta_refuses_damaged_datasets(small, tmp_path):
     with open(os.path.join(copy, 'train.bin'), 'r+b') as f:
         f.truncate(100)
     with pytest.raises(UserError, match=r"train.bin is 100 bytes, meta.json says .* with --force"):
-        common.read_meta(copy)
+        dataset.read_meta(copy)
     os.remove(os.path.join(copy, 'train.bin'))
     with pytest.raises(UserError, match="train.bin is missing"):
-        common.read_meta(copy)
+        dataset.read_meta(copy)
     shutil.copy(os.path.join(small[0], 'train.bin'), copy)
     text = open(os.path.join(copy, 'meta.json')).read()
     open(os.path.join(copy, 'meta.json'), 'w').write(re.sub(r'"val_tokens": (\d+)', r'"val_tokens": "\1"', text))
     with pytest.raises(UserError, match="'val_tokens' should be int"):
-        common.read_meta(copy)
+        dataset.read_meta(copy)
     for outer, field in (('tokenizer', 'pattern'), ('source', 'sha256')):   # fields inside fields, too
         meta = json.loads(text)
         del meta[outer][field]
         open(os.path.join(copy, 'meta.json'), 'w').write(json.dumps(meta))
         with pytest.raises(UserError, match=rf"'{outer}.{field}' should be str, got None: run .* with --force"):
-            common.read_meta(copy)
+            dataset.read_meta(copy)
 
 
 def test_pretrained_tokenizer_offline_is_one_line(tmp_path, monkeypatch, capsys):
@@ -250,15 +253,15 @@ def test_pretrained_tokenizer_offline_is_one_line(tmp_path, monkeypatch, capsys)
 @pytest.mark.parametrize('name, eot_id, dtype', [('gpt2', None, 'uint16'), ('o200k_base', 70000, 'uint32')])
 def test_pretrained_tokenizer_dataset(name, eot_id, dtype, small, tmp_path, monkeypatch):
     # stands in for tiktoken's download: an encoding made from our small BPE, under the pretrained name
-    ranks = common.parse_ranks(common.tokenizer_spec(small[0], small[1])['ranks'])
+    ranks = dataset.parse_ranks(dataset.tokenizer_spec(small[0], small[1])['ranks'])
     eot_id = eot_id or len(ranks)
     fake = tiktoken.Encoding(name, pat_str=prepare.GPT4_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: eot_id})
     monkeypatch.setattr(tiktoken, 'get_encoding', lambda n: fake)
     d = str(tmp_path / 'd')
     meta = prepare.main([f'--data_dir={d}', *TINY, f'--tokenizer={name}'])
     assert meta['dtype'] == dtype and meta['n_vocab'] == eot_id + 1 and meta['eot_id'] == eot_id
-    assert meta['tokenizer']['kind'] == 'tiktoken' and not os.path.exists(os.path.join(d, common.RANKS_FILE))
-    assert common.tokenizer_spec(d, meta) == {'kind': 'tiktoken', 'name': name, 'n_vocab': eot_id + 1}
+    assert meta['tokenizer']['kind'] == 'tiktoken' and not os.path.exists(os.path.join(d, dataset.RANKS_FILE))
+    assert dataset.tokenizer_spec(d, meta) == {'kind': 'tiktoken', 'name': name, 'n_vocab': eot_id + 1}
     ids = np.fromfile(os.path.join(d, 'val.bin'), dtype=dtype)
     assert ids[0] == eot_id and ids.max() == eot_id
 
@@ -298,7 +301,7 @@ def test_cli_subprocess(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), str(conf), '--data_dir', d,
                         '--val_docs=1'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "prepared" in r.stdout and "with 512 tokens" in r.stdout, r.stderr
-    assert common.read_meta(d)['config']['max_docs'] == 2
+    assert dataset.read_meta(d)['config']['max_docs'] == 2
     r = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), '--vocab_sise=1'], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stderr) == (2, "error: unknown config key 'vocab_sise' (did you mean 'vocab_size'?)\n")
@@ -316,7 +319,7 @@ def test_input_that_is_not_a_regular_file_is_refused(tmp_path):
 
 def test_a_second_prepare_into_the_same_folder_refuses(tmp_path):
     d = str(tmp_path / 'd')
-    lock = common.lock_folder(d, 'prepare run')
+    lock = checkpoint.lock_folder(d, 'prepare run')
     try:
         r = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), f'--data_dir={d}', *TINY],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -339,7 +342,7 @@ def test_another_source_is_not_replaced_without_force(tmp_path, monkeypatch, cap
     meta = prepare.main([config, '--dataset=mybook', '--input=book.txt', '--data_dir=data/mybook'])
     assert meta['dataset'] == 'mybook' and files_of('data/shakespeare_4k') == before
     meta = prepare.main([config, '--dataset=mybook', '--input=book.txt', '--force'])
-    assert common.read_meta('data/shakespeare_4k')['dataset'] == 'mybook'
+    assert dataset.read_meta('data/shakespeare_4k')['dataset'] == 'mybook'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,7 +635,7 @@ def test_url_dataset_end_to_end(web, tmp_path, capsys):
     web.files.clear()   # --force downloads again; when that fails, the finished dataset is still there
     with pytest.raises(UserError, match="404"):
         prepare.main(args + ['--force'])
-    assert common.read_meta(d) == meta and web.log[-1] == ('/book.txt', None)
+    assert dataset.read_meta(d) == meta and web.log[-1] == ('/book.txt', None)
     serve(web, '/book.txt', data)
     assert prepare.main(args + ['--force']) == meta and len(web.log) == 3
 

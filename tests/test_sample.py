@@ -11,11 +11,13 @@ import sys
 import pytest
 import torch
 
-import common
+import checkpoint
+import cli
+import dataset
 import model as model_module
 import prepare
 import sample
-from common import EOT
+from dataset import EOT
 from model import DeepSeekLM, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,15 +30,15 @@ def tiny(tmp_path_factory):
     tokenizer came from is deleted, so only the checkpoint is left. Returns (ckpt path, model, tokenizer)."""
     data_dir = str(tmp_path_factory.mktemp('data') / 'tiny')
     prepare.main([f'--data_dir={data_dir}', '--max_docs=2', '--val_docs=1', '--vocab_size=300'])
-    spec = common.tokenizer_spec(data_dir, common.read_meta(data_dir))
+    spec = dataset.tokenizer_spec(data_dir, dataset.read_meta(data_dir))
     shutil.rmtree(data_dir)
-    enc = common.load_tokenizer(spec)
+    enc = dataset.load_tokenizer(spec)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=enc.n_vocab, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, head_dim=16, n_latent=4,
                       n_expert=4, n_expert_active=2, expert_hidden=32, block_size=BLOCK)
     model = DeepSeekLM(cfg).eval()
     path = str(tmp_path_factory.mktemp('ckpt') / 'ckpt.pt')
-    common.save_checkpoint({'model': model.state_dict(), 'model_args': dataclasses.asdict(cfg), 'iter_num': 100,
+    checkpoint.save_checkpoint({'model': model.state_dict(), 'model_args': dataclasses.asdict(cfg), 'iter_num': 100,
                             'best_val_loss': 5.0, 'config': {'out_dir': 'out-tiny'}, 'tokenizer': spec}, path)
     return path, model, enc
 
@@ -232,7 +234,7 @@ def test_mistakes_are_one_line(tiny, capsys, tmp_path, monkeypatch, make, args, 
         make(tiny, path)
         args = [f'--ckpt={path}', *args]
     with pytest.raises(SystemExit) as e:
-        common.run(sample.main, args)
+        cli.run(sample.main, args)
     out, err = capsys.readouterr()
     assert e.value.code == 2
     assert out == ''
@@ -246,7 +248,7 @@ def test_printer_skips_ids_the_tokenizer_lacks(capsys):
     import tiktoken
     enc = tiktoken.Encoding('bytes', pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
                             special_tokens={EOT: 300})
-    printer = sample.Printer(common.text_bytes(enc, 401))
+    printer = sample.Printer(dataset.text_bytes(enc, 401))
     for ids in ([ord('c'), ord('a'), 0xC3], [270, 300, 0xA9, 299, 400], [ord('!')]):
         printer.add(ids)
     assert capsys.readouterr().out == 'caé!' and ''.join(printer.parts) == 'caé!'

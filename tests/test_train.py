@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import checkpoint
+import dataset
 import prepare
 import train
-from common import UserError
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,11 +111,11 @@ def test_loss_falls_and_log_has_fields(data_dir, tmp_path):
     assert 0 < last['val_bpb'] < last['val_loss'] / 0.6931
     assert log[-1]['kind'] == 'summary' and log[-1]['tokens_seen'] == 60 * 4 * 32
     # checkpoints: last (with optimizer) and best (weights only), verified on load, carrying the tokenizer
-    ck, _ = common.load_checkpoint(os.path.join(out, 'ckpt.pt'), parts=('model', 'optimizer'))
-    best, _ = common.load_checkpoint(os.path.join(out, 'ckpt_best.pt'))
+    ck, _ = checkpoint.load_checkpoint(os.path.join(out, 'ckpt.pt'), parts=('model', 'optimizer'))
+    best, _ = checkpoint.load_checkpoint(os.path.join(out, 'ckpt_best.pt'))
     assert ck['iter_num'] == 60 and 'optimizer' not in best
     assert not any(k.startswith('_orig_mod.') for k in ck['model'])
-    enc = common.load_tokenizer(ck['tokenizer'])
+    enc = dataset.load_tokenizer(ck['tokenizer'])
     assert enc.decode(enc.encode('To be, or not')) == 'To be, or not'
 
 
@@ -187,7 +188,7 @@ def test_ctrl_c_keeps_the_last_checkpoint(data_dir, tmp_path):
     finally:
         proc.kill()   # never outlive the test: it would hold the shared data folder's lock
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == 'interrupted'
-    assert common.load_checkpoint(ckpt, parts=('model', 'optimizer'))[0]['iter_num'] % 5 == 0
+    assert checkpoint.load_checkpoint(ckpt, parts=('model', 'optimizer'))[0]['iter_num'] % 5 == 0
 
 
 def test_torchrun_two_processes_stay_in_sync(data_dir, tmp_path):
@@ -269,7 +270,7 @@ def test_resume_after_the_data_was_prepared_again_says_how_to_remake_it(tmp_path
     old = copy_files(out, str(tmp_path / 'old'), ['ckpt.pt', 'log.jsonl'])   # a checkpoint without the record
     ck = torch.load(os.path.join(old, 'ckpt.pt'), weights_only=True)
     ck['data'] = {k: ck['data'][k] for k in ('dir', 'source')}
-    common.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, f'{old}/ckpt.pt')
+    checkpoint.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, f'{old}/ckpt.pt')
     prepare.main([*data_args, '--vocab_size=300'])
     one_line_error(run_train(f'--out_dir={old}', *resume[1:], '--max_iters=6', check=False),
                    "(another tokenizer, text or split): prepare it again with the settings it was trained on")
@@ -284,13 +285,13 @@ def test_resume_advice_leaves_other_data_alone(tmp_path):
     run_train(*TINY, f'--data_dir={d}', f'--out_dir={out}', '--vocab_size=400', '--max_iters=2', '--eval_interval=2')
     resume = [f'--out_dir={out}', '--init_from=resume', '--max_iters=4', '--device=cpu', '--compile=False']
     os.rename(d, d + '-gone')
-    z_meta = common.read_meta(z)
+    z_meta = dataset.read_meta(z)
     err = one_line_error(run_train(*resume, f'--data_dir={z}', check=False), f"make it again in its own folder")
     assert err.rstrip().endswith(f"--data_dir={d}`) and resume with --data_dir={d}, or train a new model into "
                                  f"another --out_dir")
     prepare.main(re.search(r"`python prepare.py (.*)`", err).group(1).split())
     run_train(*resume, f'--data_dir={d}')
-    assert common.read_meta(z) == z_meta
+    assert dataset.read_meta(z) == z_meta
 
     notes, n, out2 = tmp_path / 'notes', str(tmp_path / 'n'), str(tmp_path / 'out2')
     notes.mkdir()
@@ -320,15 +321,15 @@ def test_resume_refuses_other_data_damaged_or_incomplete_checkpoints(finished, d
     one_line_error(run_train(*resume, check=False), 'is damaged')
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     del ck['optimizer']
-    common.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
+    checkpoint.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
     one_line_error(run_train(*resume, check=False), 'incomplete: it has no optimizer')
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)   # well formed, but not this model's
     ck['model']['wte.weight_renamed'] = ck['model'].pop('wte.weight')
-    common.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
+    checkpoint.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
     one_line_error(run_train(*resume, check=False), 'does not fit this model.py')
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)   # two optimizers' states for AdamW's one
     ck['optimizer'] = ck['optimizer'] * 2
-    common.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
+    checkpoint.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
     one_line_error(run_train(*resume, check=False), 'holds another optimizer state than --optimizer=adamw needs')
 
 
@@ -369,18 +370,18 @@ def test_overwrite_starts_over(finished, tmp_path):
 
 
 def test_data_being_read_is_not_prepared_over_and_data_being_written_is_not_read(data_dir, tmp_path):
-    with common.lock_folder(data_dir, 'training run', shared=True):   # as a training run holds it
-        common.lock_folder(data_dir, 'training run', shared=True).close()   # other readers are welcome
+    with checkpoint.lock_folder(data_dir, 'training run', shared=True):   # as a training run holds it
+        checkpoint.lock_folder(data_dir, 'training run', shared=True).close()   # other readers are welcome
         with pytest.raises(UserError, match=f'{data_dir} is in use by a training run reading it'):
             prepare.main([f'--data_dir={data_dir}', '--max_docs=6', '--val_docs=1', '--vocab_size=512', '--force'])
-    with common.lock_folder(data_dir, 'prepare run'):
+    with checkpoint.lock_folder(data_dir, 'prepare run'):
         p = run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=2', check=False)
     one_line_error(p, f'{data_dir} is in use by a process writing it (pid {os.getpid()})')
 
 
 def test_a_second_training_into_the_same_out_dir_refuses(data_dir, tmp_path):
     out = str(tmp_path / 'busy')
-    with common.lock_folder(out, 'training run'):
+    with checkpoint.lock_folder(out, 'training run'):
         p = run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', check=False)
     one_line_error(p, f'{out} is in use by another training run (pid {os.getpid()})')
 
@@ -467,7 +468,7 @@ def test_bits_per_byte_is_nats_over_the_text_bytes(tmp_path):
     from model import DeepSeekLM, ModelConfig
     # byte-level ranks, a gap at 256..299, <|endoftext|> = 300: a padded, gapped vocabulary
     enc = tiktoken.Encoding('bytes', pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
-                            special_tokens={common.EOT: 300})
+                            special_tokens={dataset.EOT: 300})
     rng = np.random.default_rng(0)
     tokens = rng.choice(np.r_[np.arange(97, 123), 0xC3, 0xA9, 32, 300], size=4000).astype(np.uint16)
     for split in ('train', 'val'):
@@ -477,7 +478,7 @@ def test_bits_per_byte_is_nats_over_the_text_bytes(tmp_path):
     model = DeepSeekLM(ModelConfig(vocab_size=320, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, head_dim=16,
                                    n_latent=2, n_expert=2, n_expert_active=1, expert_hidden=32, block_size=16))
     cfg = {'seed': 3, 'eval_iters': 2, 'batch_size': 3}
-    token_bytes = torch.tensor([len(b) for b in common.text_bytes(enc, 320)], dtype=torch.float32)
+    token_bytes = torch.tensor([len(b) for b in dataset.text_bytes(enc, 320)], dtype=torch.float32)
     assert token_bytes[300] == 0 and token_bytes[270] == 0 and token_bytes[0xC3] == 1
     out = train.evaluate(model, model, data, np.uint16, cfg, 16, 'cpu', nullcontext(), token_bytes)
     # the reference: the same windows, full logits, tiktoken's bytes

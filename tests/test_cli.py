@@ -1,4 +1,4 @@
-"""common.py: the command line every script shares (config files, --key=value and --key value, strict
+"""cli.py: the command line every script shares (config files, --key=value and --key value, strict
 bools, one-line errors), checkpoints that refuse damage, and folder locks."""
 
 import os
@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-import common
-from common import UserError, parse_config
+import checkpoint
+import cli
+from cli import UserError, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = dict(learning_rate=3e-4, max_iters=100, force=False, dataset='shakespeare', data_dir='',
@@ -32,7 +33,7 @@ def cfg_of(argv, defaults=DEFAULTS, **kw):
 def test_a_scripts_settings_are_its_lowercase_plain_values():
     namespace = {'EOT': '<|endoftext|>', 'lr': 3e-4, 'name': 'x', 'compile': None, 'on': True, '_private': 1,
                  'os': os, 'helper': print, 'shapes': [1, 2]}
-    assert common.settings_of(namespace) == {'lr': 3e-4, 'name': 'x', 'compile': None, 'on': True}
+    assert cli.settings_of(namespace) == {'lr': 3e-4, 'name': 'x', 'compile': None, 'on': True}
 
 
 def test_no_args_returns_a_copy_of_the_defaults():
@@ -55,7 +56,7 @@ def test_both_spellings_give_the_same_config_and_defaults_stay_untouched():
 def test_split_argv_tells_config_files_from_values():
     """A value given as --key VALUE is never taken for a config file, even where a file of that name exists."""
     argv = ['a.py', '--dataset', 'README.md', '--force', 'b.py', '--max_iters=3', 'c']
-    assert common.split_argv(argv, DEFAULTS) == [(None, None, 'a.py'), ('dataset', 'README.md', None),
+    assert cli.split_argv(argv, DEFAULTS) == [(None, None, 'a.py'), ('dataset', 'README.md', None),
                                                  ('force', 'true', None), (None, None, 'b.py'),
                                                  ('max_iters', '3', None), (None, None, 'c')]
 
@@ -78,7 +79,7 @@ def test_config_file_runs_in_a_fresh_namespace_that_knows_its_path(tmp_path, mon
     assert cfg_of([child])['max_iters'] == 11 and cfg_of([child])['dataset'] == 'x'
     # the shipped MLA config builds on config/deepseek.py the same way, from any working folder
     monkeypatch.chdir(tmp_path)
-    mla = common.read_config_file(os.path.join(ROOT, 'config', 'deepseek_mla.py'))
+    mla = cli.read_config_file(os.path.join(ROOT, 'config', 'deepseek_mla.py'))
     assert mla['attention'] == 'mla' and mla['batch_size'] == 8 and mla['out_dir'] == 'out-deepseek-mla'
 
 
@@ -141,7 +142,7 @@ def test_config_file_mistakes(tmp_path):
         parse_config([str(tmp_path / 'latin1.py')], DEFAULTS)
     huge = write(tmp_path, 'huge.py', "max_iters = 10**100000\n")   # too many digits for repr()
     with pytest.raises(UserError, match=r"^max_iters must be < 10\*\*9, got an int of 332193 bits$"):
-        common.check_ranges(cfg_of([huge]), {'max_iters': (lambda v: v < 10**9, "< 10**9")})
+        cli.check_ranges(cfg_of([huge]), {'max_iters': (lambda v: v < 10**9, "< 10**9")})
     with pytest.raises(UserError, match=r"'learning_rate' expects a finite number, got an int of 332193 bits"):
         parse_config([write(tmp_path, 'huge_lr.py', "learning_rate = 10**100000\n")], DEFAULTS)
 
@@ -156,36 +157,36 @@ def test_floats_must_be_finite(text, tmp_path):
 
 def test_check_ranges_names_the_key_and_the_range():
     rules = {'max_iters': (lambda v: v > 0, "> 0")}
-    common.check_ranges({'max_iters': 3}, rules)
+    cli.check_ranges({'max_iters': 3}, rules)
     with pytest.raises(UserError, match=r"max_iters must be > 0, got -1"):
-        common.check_ranges({'max_iters': -1}, rules)
+        cli.check_ranges({'max_iters': -1}, rules)
 
 
 def test_run_prints_one_line_and_exits_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        common.run(parse_config, ['--lerning_rate=1'], DEFAULTS)
+        cli.run(parse_config, ['--lerning_rate=1'], DEFAULTS)
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: unknown config key 'lerning_rate' (did you mean 'learning_rate'?)\n"
 
     def read_only():
         raise PermissionError(13, 'Permission denied', str(tmp_path / 'x'))
     with pytest.raises(SystemExit) as e:
-        common.run(read_only)
+        cli.run(read_only)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count('\n') == 1 and 'Permission denied' in err and 'x' in err
-    assert common.run(lambda x: x + 1, 1) == 2
+    assert cli.run(lambda x: x + 1, 1) == 2
 
     def cpu_out_of_memory():   # what torch's CPU allocator raises: not a MemoryError
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory")
     with pytest.raises(SystemExit) as e:
-        common.run(cpu_out_of_memory)
+        cli.run(cpu_out_of_memory)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith('error: out of memory: ask for less at once') and err.count('\n') == 1
 
     def bug():
         raise RuntimeError("a bug keeps its traceback")
     with pytest.raises(RuntimeError, match='a bug'):
-        common.run(bug)
+        cli.run(bug)
 
 
 @pytest.mark.parametrize('device, message', [
@@ -195,14 +196,14 @@ def test_run_prints_one_line_and_exits_2(capsys, tmp_path):
 ])
 def test_devices_that_do_not_exist_are_refused(device, message):
     with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
-        common.pick_device(device, 'auto')
+        cli.pick_device(device, 'auto')
     if not torch.backends.mps.is_available():
         with pytest.raises(UserError, match="device=mps but this torch has no MPS"):
-            common.pick_device('mps', 'auto')
+            cli.pick_device('mps', 'auto')
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
-            common.pick_device('cuda:1', 'auto')
-    assert common.pick_device('cpu', 'auto') == ('cpu', torch.float32)
+            cli.pick_device('cuda:1', 'auto')
+    assert cli.pick_device('cpu', 'auto') == ('cpu', torch.float32)
 
 
 SCRIPTS = {   # script: (a flag of each kind it takes, a value it refuses, the error naming it)
@@ -263,8 +264,8 @@ def small_checkpoint():
 def test_checkpoint_round_trip_and_damage_is_refused(tmp_path):
     path = str(tmp_path / 'ckpt.pt')
     ck = small_checkpoint()
-    common.save_checkpoint(ck, path)
-    loaded, mconf = common.load_checkpoint(path, parts=('model', 'optimizer'))
+    checkpoint.save_checkpoint(ck, path)
+    loaded, mconf = checkpoint.load_checkpoint(path, parts=('model', 'optimizer'))
     assert torch.equal(loaded['model']['w'], ck['model']['w']) and loaded['iter_num'] == 5 and mconf.n_layer == 1
     assert os.listdir(tmp_path) == ['ckpt.pt']
     data = bytearray(open(path, 'rb').read())
@@ -274,31 +275,31 @@ def test_checkpoint_round_trip_and_damage_is_refused(tmp_path):
     data[at + 100:at + 104] = b'\x12\x34\x56\x78'
     open(path, 'wb').write(bytes(data))
     with pytest.raises(UserError, match=r"is damaged \('model' does not match its fingerprint\)"):
-        common.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     open(path, 'wb').write(bytes(data[:len(data) // 2]))
     with pytest.raises(UserError, match="truncated, damaged or not a PyTorch file"):
-        common.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     del ck['optimizer']
-    common.save_checkpoint(ck, path)
+    checkpoint.save_checkpoint(ck, path)
     with pytest.raises(UserError, match="incomplete: it has no optimizer"):
-        common.load_checkpoint(path, parts=('model', 'optimizer'))
+        checkpoint.load_checkpoint(path, parts=('model', 'optimizer'))
 
 
 def test_fingerprint_sees_every_byte_and_every_value():
     t = torch.randn(100)
-    base = common.fingerprint({'a': t, 'n': 3, 's': 'x'})
+    base = checkpoint.fingerprint({'a': t, 'n': 3, 's': 'x'})
     for change in ({'a': t.clone().index_fill_(0, torch.tensor([57]), 9.0), 'n': 3, 's': 'x'},
                    {'a': t, 'n': 4, 's': 'x'}, {'a': t, 'n': 3, 's': 'y'}, {'b': t, 'n': 3, 's': 'x'}):
-        assert common.fingerprint(change) != base
-    assert common.fingerprint({'a': t.clone(), 'n': 3, 's': 'x'}) == base
+        assert checkpoint.fingerprint(change) != base
+    assert checkpoint.fingerprint({'a': t.clone(), 'n': 3, 's': 'x'}) == base
     for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.bool):
         x = (torch.rand(64) > 0.5).to(dtype)
-        assert common.fingerprint(x) != common.fingerprint(1 - x.to(torch.int64)) or dtype is torch.bool
+        assert checkpoint.fingerprint(x) != checkpoint.fingerprint(1 - x.to(torch.int64)) or dtype is torch.bool
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / 'ckpt.pt')
-    common.save_checkpoint({**small_checkpoint(), 'iter_num': 1}, path)
+    checkpoint.save_checkpoint({**small_checkpoint(), 'iter_num': 1}, path)
     real_save = torch.save
 
     def dying_save(obj, f):
@@ -308,15 +309,15 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, 'save', dying_save)
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint({**small_checkpoint(), 'iter_num': 2}, path)
+        checkpoint.save_checkpoint({**small_checkpoint(), 'iter_num': 2}, path)
     monkeypatch.undo()
-    assert common.load_checkpoint(path)[0]['iter_num'] == 1
+    assert checkpoint.load_checkpoint(path)[0]['iter_num'] == 1
     assert os.listdir(tmp_path) == ['ckpt.pt']
 
 
 def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / 'ckpt.pt')
-    common.save_checkpoint({**small_checkpoint(), 'iter_num': 1}, path)
+    checkpoint.save_checkpoint({**small_checkpoint(), 'iter_num': 1}, path)
     before = open(path, 'rb').read()
 
     def full_disk(obj, f):
@@ -325,14 +326,14 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monke
     monkeypatch.setattr(torch, 'save', full_disk)
     with pytest.raises(UserError, match=r"cannot write .*ckpt.pt.tmp \(.*file write failed\): free disk space .*"
                                         r"ckpt.pt is unchanged"):
-        common.save_checkpoint({**small_checkpoint(), 'iter_num': 2}, path)
+        checkpoint.save_checkpoint({**small_checkpoint(), 'iter_num': 2}, path)
     assert open(path, 'rb').read() == before and os.listdir(tmp_path) == ['ckpt.pt']
 
 
 def test_lock_folder_refuses_a_second_process_and_bad_paths(tmp_path):
-    held = common.lock_folder(str(tmp_path / 'run'), 'training run')
-    code = ("import common, sys\n"
-            f"common.run(common.lock_folder, {str(tmp_path / 'run')!r}, 'training run')\n")
+    held = checkpoint.lock_folder(str(tmp_path / 'run'), 'training run')
+    code = ("import checkpoint, cli, sys\n"
+            f"cli.run(checkpoint.lock_folder, {str(tmp_path / 'run')!r}, 'training run')\n")
     p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 2 and f'is in use by another training run (pid {os.getpid()})' in p.stderr
     held.close()   # released: the next process gets it
@@ -340,10 +341,10 @@ def test_lock_folder_refuses_a_second_process_and_bad_paths(tmp_path):
     assert p.returncode == 0, p.stderr
     (tmp_path / 'file').write_text('x')
     with pytest.raises(UserError, match="is a file, not a folder"):
-        common.lock_folder(str(tmp_path / 'file'), 'training run')
+        checkpoint.lock_folder(str(tmp_path / 'file'), 'training run')
     if os.geteuid() != 0:   # root writes anywhere
         ro = tmp_path / 'ro'
         ro.mkdir()
         ro.chmod(0o500)
         with pytest.raises(UserError, match="cannot write in"):
-            common.lock_folder(str(ro / 'run'), 'training run')
+            checkpoint.lock_folder(str(ro / 'run'), 'training run')

@@ -1,0 +1,293 @@
+"""
+The command line every script shares: config files and --key=value overrides, the device they choose,
+progress on the terminal, and one-line errors (UserError, run). No script imports another script; they
+import this module, dataset.py, checkpoint.py and model.py.
+"""
+
+import ast
+import ctypes
+import difflib
+import inspect
+import math
+import os
+import sys
+import traceback
+from contextlib import nullcontext
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad input, missing data, a busy folder): one line, no traceback, exit 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line, the same for every script:
+#     python SCRIPT.py [config/FILE.py ...] [--key=value | --key value ...]
+# Arguments apply left to right (a malformed one is refused before any config file is read). A config
+# file is plain Python whose public names override the defaults; --key=value (or --key value) overrides
+# one key. Values are Python literals, or plain text for string keys, and must match the default's type.
+# Bools take true/false/yes/no/1/0, and a bare --flag means --flag=true; a key whose default is None
+# takes true/false/auto. --help lists the keys.
+
+BOOL_WORDS = {'true': True, 'yes': True, '1': True, 'false': False, 'no': False, '0': False}
+
+
+def settings_of(namespace):
+    """A script's settings: the lowercase public names of its module that hold a plain value (imported
+    constants such as EOT and helpers are left out)."""
+    return {k: v for k, v in namespace.items() if k.islower() and not k.startswith('_')
+            and isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def parse_config(argv, defaults, skip_file_keys=()):
+    """Merge config files and overrides from argv into a copy of defaults. Returns (config, given): given
+    is the set of keys that a file or an override set. Config files may also set keys in skip_file_keys
+    (another script's; True = any), which are ignored; any other unknown key is an error."""
+    config, given = dict(defaults), set()
+    for key, raw, path in split_argv(argv, defaults):
+        if key:
+            config[key] = parse_value(key, raw, defaults[key])
+            given.add(key)
+            continue
+        for key, value in read_config_file(path).items():
+            if key not in defaults:
+                # another script's key is skipped, unless it looks like a misspelling of one of ours
+                typo = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.85)
+                if (skip_file_keys is True or key in skip_file_keys) and not typo:
+                    continue
+                raise unknown_key(key, defaults, f" in {path}")
+            config[key] = check_type(key, value, defaults[key], f"{show(value)} (in {path})")
+            given.add(key)
+    return config, given
+
+
+def split_argv(argv, defaults):
+    """argv as a list of (key, raw value, None) overrides and (None, None, path) config files, in order:
+    --key=VALUE, --key VALUE, a bare --flag for a bool, or a path. --help prints the keys and exits."""
+    items, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg in ('-h', '--help'):
+            print_help(defaults)
+            raise SystemExit(0)
+        if arg.startswith('--'):
+            key, eq, raw = arg[2:].partition('=')
+            if key not in defaults:
+                raise unknown_key(key, defaults, '')
+            if not eq:   # --key value, or a bare bool flag
+                nxt = argv[i] if i < len(argv) else None
+                if isinstance(defaults[key], bool):
+                    raw = 'true'
+                    if nxt is not None and nxt.lower() in BOOL_WORDS:
+                        raw, i = nxt, i + 1
+                elif nxt is None or nxt.startswith('--'):
+                    raise UserError(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
+                else:
+                    raw, i = nxt, i + 1
+            items.append((key, raw, None))
+        elif arg.startswith('-') and len(arg) > 1:
+            raise UserError(f"bad argument '{arg}': use --key=VALUE, --key VALUE or a config file path")
+        else:
+            items.append((None, None, arg))
+    return items
+
+
+def print_help(defaults):
+    """The running script's docstring, then every key it takes with its default."""
+    doc = (sys.modules['__main__'].__doc__ or '').strip()
+    print(doc + '\n' if doc else '', end='')
+    print(f"\nusage: python {os.path.basename(sys.argv[0])} [config/FILE.py ...] [--key=value | --key value ...]")
+    print("keys (default):")
+    for key in sorted(defaults):
+        print(f"  --{key}={defaults[key]!r}")
+    sys.stdout.flush()   # here, where run() can tell a reader that went away, not at exit
+
+
+def unknown_key(key, defaults, where):
+    close = difflib.get_close_matches(key, list(defaults), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "known keys: " + ", ".join(sorted(defaults))
+    return UserError(f"unknown config key '{key}'{where} ({hint})")
+
+
+def parse_value(key, raw, default):
+    """The text after --key= as a value of the default's type (a default of None: a bool or 'auto')."""
+    if default is None:
+        if raw.lower() in ('auto', 'none'):
+            return None
+        if raw.lower() in BOOL_WORDS:
+            return BOOL_WORDS[raw.lower()]
+        raise UserError(f"config key '{key}' expects true/false/auto, got {raw!r}")
+    if isinstance(default, bool):
+        if raw.lower() in BOOL_WORDS:
+            return BOOL_WORDS[raw.lower()]
+        raise UserError(f"config key '{key}' expects a bool (true/false/yes/no/1/0), got {raw!r}")
+    if isinstance(default, str):
+        return raw   # any text, e.g. --data_dir=2024 stays '2024'
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        value = raw
+    return check_type(key, value, default, show(raw))
+
+
+def show(value, limit=60):
+    """repr() for an error message, cut short: a config may hold a value too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:   # an int of more digits than Python will print
+        return f"an int of {value.bit_length()} bits"
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+def check_type(key, value, default, shown):
+    """value as the default's type, or a UserError naming key, the expected type and what was given."""
+    want = type(default)
+    if default is None and (value is None or isinstance(value, bool)):
+        return value
+    if want is bool and isinstance(value, bool):
+        return value
+    if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            value = float(value)   # --learning_rate=1 means 1.0
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise UserError(f"config key '{key}' expects a finite number, got {shown}")
+        return value
+    if want is int and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():   # --max_iters=1e4
+            return int(value)
+    if want is str and isinstance(value, str):
+        return value
+    names = {int: "an int", float: "a number", bool: "a bool (True/False)", str: "a string",
+             type(None): "True, False or None (automatic)"}
+    raise UserError(f"config key '{key}' expects {names.get(want, want.__name__)}, got {shown}")
+
+
+def read_config_file(path):
+    """Run a config file in a fresh namespace; its public names, without modules, functions and classes."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found")
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text: is it a Python config file?") from None
+    namespace = {'__file__': path}   # lets a config build on another one beside it
+    try:
+        exec(compile(source, path, 'exec'), namespace)
+    except SyntaxError as e:
+        raise UserError(f"config file {path} line {e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:
+        lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path]
+        where = f" line {lines[-1]}" if lines else ""
+        raise UserError(f"config file {path}{where}: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in namespace.items()
+            if not k.startswith('_') and not (inspect.ismodule(v) or inspect.isfunction(v) or inspect.isclass(v))}
+
+
+def check_ranges(cfg, rules):
+    """rules: {key: (test, what it must be)}. The first key whose value fails its test is a UserError."""
+    for key, (ok, must) in rules.items():
+        if not ok(cfg[key]):
+            raise UserError(f"{key} must be {must}, got {show(cfg[key])}")
+
+
+SMALLER = "ask for less at once (a smaller --batch_size, --block_size or --num_samples) or a smaller model"
+
+
+def run(main, *args):
+    """Call main(*args) the way every script's command line does: a UserError, an OS error (a path that
+    is a file, no permission, a full disk) or running out of memory is one line on stderr and exit code
+    2; Ctrl-C is exit code 130. Programming errors keep their traceback."""
+    try:
+        return main(*args)
+    except UserError as e:
+        message = str(e)
+    except torch.OutOfMemoryError:
+        message = f"out of memory on the device: {SMALLER}"
+    except MemoryError:
+        message = f"out of memory: {SMALLER}"
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):   # the CPU allocator's own out-of-memory error
+            raise
+        message = f"out of memory: {SMALLER}"
+    except BrokenPipeError:   # the reader of stdout went away (`| head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        message = f"{e.strerror or e}{where} (check the path, its permissions and the free disk space)"
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+
+def pick_device(device, dtype):
+    """(device, torch dtype) for the device/dtype keys: 'auto' is cuda > mps > cpu, and bf16 autocast on
+    CUDA (fp16 on GPUs without bf16), fp32 elsewhere."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind, _, index = device.partition(':')
+    if kind not in ('cuda', 'mps', 'cpu') or (index and (kind != 'cuda' or not index.isdigit())):
+        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f"device={device} but CUDA is not available: use --device=cpu")
+    if kind == 'cuda' and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"device={device} but there are {torch.cuda.device_count()} CUDA devices: use cuda:0 ...")
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise UserError("device=mps but this torch has no MPS (Apple GPU) support: use --device=cpu")
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if dtype == 'auto':
+        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device.startswith('cuda') else 'float32'
+    return device, getattr(torch, dtype)
+
+
+def autocast(device_type, dtype):
+    """Mixed precision for the forward pass: nothing in fp32, autocast otherwise."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def sync(device_type):
+    """Wait for the device, so that a timing covers the work and not just its launch."""
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    elif device_type == 'mps':
+        torch.mps.synchronize()
+
+
+# dense bf16 tensor-core FLOP/s by GPU name, for MFU
+PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'H800': 989e12, 'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12,
+              'A800': 312e12, 'A6000': 155e12, 'L40S': 362e12, 'L40': 181e12, 'L4': 121e12, 'A10': 125e12,
+              '4090': 165e12, '3090': 71e12, 'V100': 125e12, 'T4': 65e12}
+
+
+def gpu_peak_flops(device_type):
+    if device_type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def keep_freed_memory():
+    """On Linux/glibc, keep freed memory in the process instead of handing it back to the OS. glibc maps
+    large blocks (all over 32 MB: a layer's activations at a large batch) fresh and unmaps them on free, so
+    each CPU step would page-fault through them again. A no-op elsewhere."""
+    if not sys.platform.startswith('linux'):
+        return
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD: serve blocks under 1 GiB from the heap
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap top untrimmed
+    except (OSError, AttributeError):   # musl and other libcs: nothing to tune
+        pass

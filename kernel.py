@@ -1,0 +1,143 @@
+"""
+The model's machinery, beside it as DeepSeek-V3's kernel.py is: the experts' grouped matmul (a custom
+op, with a plain per-expert fallback), the LM head and its loss in chunks of rows, the MoE's
+permutation gather, and the dtype matmuls run in under autocast. model.py says what is computed; this
+file, how.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@torch.library.custom_op("deepseek_nano::grouped_mm", mutates_args=())
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """(N, K) @ (G, K, M) -> (N, M) with rows split into G groups at offs (offs[g] = end of group g);
+    or (K, N) @ (N, M) -> (G, K, M), the weight gradient. An opaque op to torch.compile, whose own shape
+    function for F.grouped_mm accepts only bf16. F.grouped_mm where its kernel exists (CPU; CUDA with
+    bf16 on compute capability 8.0+), else one matmul per group (fp16 GPUs such as the T4 and V100,
+    float64 anywhere)."""
+    if has_grouped_mm_kernel(a):
+        return F.grouped_mm(a, b, offs=offs)
+    return grouped_mm_loop(a, b, offs)
+
+
+def has_grouped_mm_kernel(a):
+    if not hasattr(F, 'grouped_mm'):   # torch before 2.9
+        return False
+    if a.device.type == 'cpu':
+        return a.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return a.device.type == 'cuda' and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+
+
+def grouped_mm_loop(a, b, offs):
+    """grouped_mm by plain matmuls, one per group: the fallback, and a reference for the kernel."""
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    if b.dim() == 3:
+        out = a.new_zeros(a.size(0), b.size(2))
+        for g, (s, e) in enumerate(zip(starts, ends)):
+            out[s:e] = a[s:e] @ b[g]
+        return out
+    return torch.stack([a[:, s:e] @ b[s:e] for s, e in zip(starts, ends)])
+
+
+@grouped_mm.register_fake
+def _(a, b, offs):
+    if b.dim() == 3:
+        return a.new_empty(a.size(0), b.size(2))
+    return a.new_empty(offs.size(0), a.size(0), b.size(1))
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()  # the kernel rejects stride-0 gradients (e.g. from y.sum())
+    return grouped_mm(grad, b.transpose(1, 2), offs), grouped_mm(a.t(), grad, offs), None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def matmul_dtype(t):
+    """The dtype matmuls on t run in: autocast's where it is on, else t's own. For the code that calls
+    custom ops or torch.autograd.Functions, which autocast does not see."""
+    return torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
+
+
+def chunk_rows(h, w):
+    """Rows of the head's output per chunk: on a CPU few enough that a chunk's logits stay in cache; on a
+    GPU many, since big matmuls run best there and chunking only bounds memory."""
+    return max(1, (2**21 if h.device.type == 'cpu' else 2**26) // w.size(0))
+
+
+def linear_cross_entropy(h, w, targets, dtype, reduction='mean'):
+    """cross_entropy(h @ w.T, targets) over targets != -1, in chunks of rows, never holding the (N, vocab)
+    logits: the mean (differentiable), or with reduction='none' each row's loss, 0 where targets == -1
+    (no gradient). The matmuls run in dtype (autocast's, see matmul_dtype); logits and softmax in fp32."""
+    need_grad = reduction == 'mean' and torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    return LinearCrossEntropy.apply(h, w, targets, dtype, reduction, need_grad)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The loss of linear_cross_entropy. Rows go through in chunks; when gradients are wanted, each
+    chunk's gradients (softmax - one-hot, times w and times h) are computed right away, in the forward
+    pass, while its logits are at hand, and backward only scales them. The weight's gradient
+    accumulates in fp32."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, dtype, reduction, need_grad):
+        valid = targets != -1
+        n = valid.sum().clamp(min=1)
+        hd, wd = h.to(dtype), w.to(dtype)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        per_row = torch.empty(h.size(0), dtype=torch.float32, device=h.device) if reduction == 'none' else None
+        rows = chunk_rows(h, w)
+        for start in range(0, h.size(0), rows):
+            hc, tc, vc = hd[start:start + rows], targets[start:start + rows], valid[start:start + rows]
+            logits = (hc @ wd.t()).float()
+            lse = logits.logsumexp(-1)
+            tc = tc.clamp(min=0)
+            nll = (lse - logits.gather(1, tc[:, None]).squeeze(1)) * vc
+            if per_row is not None:
+                per_row[start:start + rows] = nll
+            loss += nll.sum()
+            if need_grad:
+                p = logits.sub_(lse[:, None]).exp_()                  # softmax, in place of the logits
+                p[torch.arange(len(tc), device=p.device), tc] -= 1   # minus the one-hot target
+                p *= vc[:, None]
+                p = p.to(dtype)
+                grad_h[start:start + rows] = p @ wd
+                grad_w += (p.t() @ hc).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h / n, grad_w.to(w.dtype) / n)
+        return per_row if per_row is not None else loss / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad, grad_w * grad, None, None, None, None
+
+
+class GatherRows(torch.autograd.Function):
+    """rows[s] = x[perm[s] // k] for a permutation `perm` of the N*k (token, choice) pairs, inv = its inverse.
+    Autograd's own backward for x[idx] scatter-adds (slow on CPU, nondeterministic on CUDA); knowing the
+    permutation, the backward is a gather instead: grad_x[t] = sum_j grad[inv[t*k + j]]."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv, k):
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, perm // k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv, = ctx.saved_tensors
+        grad = grad.index_select(0, inv)
+        return (grad if ctx.k == 1 else grad.unflatten(0, (-1, ctx.k)).sum(1)), None, None, None
