@@ -11,6 +11,7 @@ import inspect
 import math
 import os
 import sys
+import time
 import traceback
 from contextlib import nullcontext
 
@@ -170,8 +171,7 @@ def check_type(key, value, default, shown):
 
 def read_config_file(path):
     """Run a config file in a fresh namespace; its public names, without modules, functions and classes."""
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path} not found")
+    check_file(path, 'config file')
     try:
         with open(path, encoding='utf-8') as f:
             source = f.read()
@@ -190,11 +190,62 @@ def read_config_file(path):
             if not k.startswith('_') and not (inspect.ismodule(v) or inspect.isfunction(v) or inspect.isclass(v))}
 
 
+def check_file(path, what):
+    """path, if it is a regular file to read. A missing path, a folder, or a pipe or device (which would
+    hang the reader) is a UserError that says which."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder, not a file: give the path of a file")
+    if os.path.exists(path):
+        raise UserError(f"{what} {path} is not a regular file (a pipe or a device): give the path of a file")
+    raise UserError(f"{what} {path} not found")
+
+
 def check_ranges(cfg, rules):
     """rules: {key: (test, what it must be)}. The first key whose value fails its test is a UserError."""
     for key, (ok, must) in rules.items():
         if not ok(cfg[key]):
             raise UserError(f"{key} must be {must}, got {show(cfg[key])}")
+
+
+class Progress:
+    """How far a long piece of work has come, so that slow never looks like hung: on a terminal one line
+    rewritten in place; in a file or pipe a plain line every `every` seconds. Work that ends within
+    `after` seconds prints nothing. Use: p = Progress('eval', total=20); p.update(i); p.close()."""
+
+    def __init__(self, what, total=None, unit='', after=2.0, every=10.0, stream=None):
+        self.what, self.total, self.unit, self.after, self.every = what, total, unit, after, every
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.t0 = self.shown = time.time()
+        self.printed = False
+
+    def update(self, done, note=''):
+        now = time.time()
+        if now - self.t0 < self.after or now - self.shown < (0.5 if self.tty else self.every):
+            return
+        self.shown, self.printed = now, True
+        elapsed = now - self.t0
+        line = f"{self.what}: {done:,}" + (f"/{self.total:,}" if self.total else '') + (f" {self.unit}" if self.unit else '')
+        if self.total and done:
+            line += f" ({100 * done / self.total:.0f}%, {fmt_time(elapsed)}, ETA {fmt_time(elapsed * (self.total - done) / done)})"
+        else:
+            line += f" ({fmt_time(elapsed)})"
+        line += f" {note}" if note else ''
+        self.stream.write(f"\r{line}\x1b[K" if self.tty else line + '\n')
+        self.stream.flush()
+
+    def close(self):
+        """End the updating line on a terminal, so that the next print starts on a line of its own."""
+        if self.tty and self.printed:
+            self.stream.write('\n')
+            self.stream.flush()
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 SMALLER = "ask for less at once (a smaller --batch_size, --block_size or --num_samples) or a smaller model"
