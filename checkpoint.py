@@ -8,7 +8,7 @@ import zlib
 
 import torch
 
-from cli import UserError
+from cli import UserError, check_file
 from model import ModelConfig
 
 try:
@@ -19,14 +19,14 @@ except ImportError:   # Windows: folders are not locked
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary name and renamed, so a crash or a full disk never leaves a
-# half-written file in place of the last good one; fingerprinted, so a damaged file is refused.
+# half-written file in place of the last good one; checksummed, so a damaged file is refused.
 
-CKPT_FORMAT = 'deepseek-nano/2'
+CKPT_FORMAT = 'deepseek-nano/3'
 
 
 def save_checkpoint(ckpt, path):
-    """torch.save ckpt (a dict) with its fingerprint, to path + '.tmp', flushed to disk, then renamed."""
-    ckpt = {**ckpt, 'format': CKPT_FORMAT, 'fingerprint': {k: fingerprint(v) for k, v in ckpt.items()}}
+    """torch.save ckpt (a dict) with the checksum of each part, to path + '.tmp', flushed to disk, renamed."""
+    ckpt = {**ckpt, 'format': CKPT_FORMAT, 'checksum': {k: checksum(v) for k, v in ckpt.items()}}
     tmp = path + '.tmp'
     try:
         with open(tmp, 'wb') as f:
@@ -44,7 +44,8 @@ def save_checkpoint(ckpt, path):
 
 def load_checkpoint(path, parts=('model',)):
     """The checkpoint dict and its ModelConfig. The given parts (and the small ones: config, tokenizer,
-    iteration) must match their fingerprint; a file that is not one of ours, or damaged, is a UserError."""
+    iteration) must match their checksum; a file that is not one of ours, or damaged, is a UserError."""
+    check_file(path, 'checkpoint')
     try:
         # mmap: tensors are read on demand, so the optimizer state (twice the model) never fills memory
         ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
@@ -52,15 +53,15 @@ def load_checkpoint(path, parts=('model',)):
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}): it is truncated, damaged "
                         f"or not a PyTorch file") from None
     if not isinstance(ck, dict) or ck.get('format') != CKPT_FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this version of the repo (format {CKPT_FORMAT})")
-    missing = [k for k in ('model', 'model_args', 'tokenizer', 'fingerprint', *parts) if k not in ck]
+        raise UserError(f"{path} is not a checkpoint of this version of the repo (format {CKPT_FORMAT}): "
+                        f"train a new one, or use the version of the repo that wrote it")
+    missing = [k for k in ('model', 'model_args', 'tokenizer', 'checksum', *parts) if k not in ck]
     if missing:
         raise UserError(f"{path} is incomplete: it has no {', '.join(missing)}")
-    small = [k for k, v in ck.items() if k not in ('model', 'optimizer', 'fingerprint', 'format')]
+    small = [k for k, v in ck.items() if k not in ('model', 'optimizer', 'checksum', 'format')]
     for part in (*parts, *small):
-        if fingerprint(ck[part]) != ck['fingerprint'].get(part):
-            raise UserError(f"{path} is damaged ('{part}' does not match its fingerprint): use an intact copy, "
-                            f"or ckpt_best.pt / ckpt.pt beside it")
+        if not isinstance(ck['checksum'], dict) or checksum(ck[part]) != ck['checksum'].get(part):
+            raise UserError(f"{path} is damaged ('{part}' does not match its checksum): use an intact copy")
     try:
         mconf = ModelConfig(**ck['model_args'])
     except (TypeError, ValueError) as e:
@@ -68,23 +69,22 @@ def load_checkpoint(path, parts=('model',)):
     return ck, mconf
 
 
-INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def fingerprint(obj):
-    """An integer that changes when any byte of obj changes: the sum of every tensor's raw bits read
-    as integers, plus a CRC of everything else (nested dicts, lists, numbers, strings). Computed where
-    the tensors live, so saving from a GPU costs no copy."""
+def checksum(obj, crc=0):
+    """CRC-32 of every byte of obj, in order: tensors (their dtype, shape and raw bytes), nested dicts, lists,
+    numbers and strings. Any changed, swapped or missing byte changes it (a CRC runs at about 2 GB/s)."""
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().reshape(-1)
-        if t.numel() == 0:
-            return 0
-        return int(t.view(INT_VIEW[t.element_size()]).sum(dtype=torch.int64))
+        t = obj.detach().reshape(-1).contiguous().cpu()
+        crc = zlib.crc32(f"{t.dtype}{tuple(obj.shape)}".encode(), crc)
+        return zlib.crc32(t.view(torch.uint8).numpy(), crc) if t.numel() else crc
     if isinstance(obj, dict):
-        return sum(zlib.crc32(repr(k).encode()) + fingerprint(v) for k, v in obj.items())
+        for k, v in obj.items():
+            crc = checksum(v, zlib.crc32(repr(k).encode(), crc))
+        return crc
     if isinstance(obj, (list, tuple)):
-        return sum((i + 1) * fingerprint(v) for i, v in enumerate(obj))
-    return zlib.crc32(repr(obj).encode())
+        for v in obj:
+            crc = checksum(v, zlib.crc32(b',', crc))
+        return crc
+    return zlib.crc32(repr(obj).encode(), crc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,3 +144,38 @@ def write_atomic(path, data):
         os.replace(tmp, path)
     finally:
         remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and optimizer state as one ordinary file, from one process or from FSDP's shards: tensors keyed
+# by parameter name, so that a run sharded over N processes resumes in one, and the other way round.
+
+def full_state(model, optimizers, sharded):
+    """(model state dict, [optimizer state dicts keyed by parameter name]) on the CPU. Sharded (FSDP): every
+    process must call this, and each gets the whole of it gathered."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(model, options=options),
+                [get_optimizer_state_dict(model, opt, options=options) for opt in optimizers])
+    names = {id(p): name for name, p in model.named_parameters()}
+    opt_states = []
+    for opt in optimizers:
+        sd, order = opt.state_dict(), [names[id(p)] for g in opt.param_groups for p in g['params']]
+        opt_states.append({'state': {order[i]: s for i, s in sd['state'].items()},
+                           'param_groups': [{**g, 'params': [order[i] for i in g['params']]} for g in sd['param_groups']]})
+    return model.state_dict(), opt_states
+
+
+def load_optimizer_state(model, optimizer, state, sharded):
+    """Load an optimizer state written by full_state into optimizer (which must hold the same parameters)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    names = {id(p): name for name, p in model.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g['params'])}
+    optimizer.load_state_dict({'state': {index[name]: s for name, s in state['state'].items()},
+                               'param_groups': [{**g, 'params': [index[n] for n in g['params']]}
+                                                for g in state['param_groups']]})

@@ -11,6 +11,7 @@ import inspect
 import math
 import os
 import sys
+import threading
 import time
 import traceback
 from contextlib import nullcontext
@@ -25,9 +26,9 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------
 # Command line, the same for every script:
 #     python SCRIPT.py [config/FILE.py ...] [--key=value | --key value ...]
-# Arguments apply left to right (a malformed one is refused before any config file is read). A config
-# file is plain Python whose public names override the defaults; --key=value (or --key value) overrides
-# one key. Values are Python literals, or plain text for string keys, and must match the default's type.
+# Config files apply left to right, then the overrides, wherever they stand (a malformed argument is
+# refused before any config file is read). A config file is plain Python whose public names override the
+# defaults; --key=value (or --key value) overrides one key. Values are Python literals, or plain text for string keys, and must match the default's type.
 # Bools take true/false/yes/no/1/0, and a bare --flag means --flag=true; a key whose default is None
 # takes true/false/auto. --help lists the keys.
 
@@ -42,15 +43,13 @@ def settings_of(namespace):
 
 
 def parse_config(argv, defaults, skip_file_keys=()):
-    """Merge config files and overrides from argv into a copy of defaults. Returns (config, given): given
-    is the set of keys that a file or an override set. Config files may also set keys in skip_file_keys
+    """Merge config files, then overrides, from argv into a copy of defaults: an override wins wherever it
+    stands. Returns (config, given): given maps each key that a file or an override set to where it came
+    from (the file's path, or '--' for an override). Config files may also set keys in skip_file_keys
     (another script's; True = any), which are ignored; any other unknown key is an error."""
-    config, given = dict(defaults), set()
-    for key, raw, path in split_argv(argv, defaults):
-        if key:
-            config[key] = parse_value(key, raw, defaults[key])
-            given.add(key)
-            continue
+    config, given = dict(defaults), {}
+    items = split_argv(argv, defaults)
+    for _, _, path in (item for item in items if item[2]):
         for key, value in read_config_file(path).items():
             if key not in defaults:
                 # another script's key is skipped, unless it looks like a misspelling of one of ours
@@ -59,7 +58,10 @@ def parse_config(argv, defaults, skip_file_keys=()):
                     continue
                 raise unknown_key(key, defaults, f" in {path}")
             config[key] = check_type(key, value, defaults[key], f"{show(value)} (in {path})")
-            given.add(key)
+            given[key] = path
+    for key, raw, _ in (item for item in items if item[0]):
+        config[key] = parse_value(key, raw, defaults[key])
+        given[key] = '--'
     return config, given
 
 
@@ -182,6 +184,8 @@ def read_config_file(path):
         exec(compile(source, path, 'exec'), namespace)
     except SyntaxError as e:
         raise UserError(f"config file {path} line {e.lineno}: syntax error: {e.msg}") from None
+    except SystemExit:   # exit() would end the script as if it had done its work
+        raise UserError(f"config file {path} calls exit(): a config file only sets values; remove the call") from None
     except Exception as e:
         lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path]
         where = f" line {lines[-1]}" if lines else ""
@@ -207,6 +211,9 @@ def check_ranges(cfg, rules):
     for key, (ok, must) in rules.items():
         if not ok(cfg[key]):
             raise UserError(f"{key} must be {must}, got {show(cfg[key])}")
+
+
+LAST_OUTPUT = [0.0]   # when a Progress line was last shown: a Heartbeat stays quiet while one is
 
 
 class Progress:
@@ -235,12 +242,38 @@ class Progress:
         line += f" {note}" if note else ''
         self.stream.write(f"\r{line}\x1b[K" if self.tty else line + '\n')
         self.stream.flush()
+        LAST_OUTPUT[0] = now
 
     def close(self):
         """End the updating line on a terminal, so that the next print starts on a line of its own."""
         if self.tty and self.printed:
             self.stream.write('\n')
             self.stream.flush()
+
+
+class Heartbeat:
+    """For work that runs long without printing (a training step of a big model on a CPU): a background
+    thread says what is still running after every `every` seconds of silence. Call beat(what) whenever
+    the script prints, and close() at the end."""
+
+    def __init__(self, every=25.0):
+        self.every, self.what, self.last = every, '', time.time()
+        self.done = threading.Event()
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def beat(self, what):
+        self.what, self.last = what, time.time()
+
+    def run(self):
+        while not self.done.wait(1.0):
+            if self.what and time.time() - max(self.last, LAST_OUTPUT[0]) >= self.every:
+                print(f"  ... {self.what} (still running, {fmt_time(time.time() - self.last)} since the last line)",
+                      flush=True)
+                self.every *= 2 if self.every < 300 else 1   # fewer lines for work that takes hours
+                self.last = time.time()
+
+    def close(self):
+        self.done.set()
 
 
 def fmt_time(s):
@@ -315,6 +348,23 @@ def sync(device_type):
         torch.cuda.synchronize()
     elif device_type == 'mps':
         torch.mps.synchronize()
+
+
+def matmul_flops(device, dtype, seconds=0.2):
+    """This device's measured matmul rate (FLOP/s) in dtype, from square matmuls timed for a fraction of a
+    second: what a training step's speed is a fraction of."""
+    n = 1024 if device.startswith('cpu') else 4096
+    g = torch.Generator(device).manual_seed(0)   # its own: a run's random streams are not touched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    a @ b   # warm-up: libraries load, clocks rise
+    sync(device.split(':')[0])
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or calls < 2:
+        a @ b
+        calls += 1
+        sync(device.split(':')[0])
+    return 2 * n ** 3 * calls / (time.perf_counter() - t0)
 
 
 # dense bf16 tensor-core FLOP/s by GPU name, for MFU

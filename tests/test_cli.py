@@ -61,12 +61,46 @@ def test_split_argv_tells_config_files_from_values():
                                                  ('max_iters', '3', None), (None, None, 'c')]
 
 
-def test_files_and_overrides_apply_in_order(tmp_path):
+def test_files_apply_in_order_then_the_overrides_wherever_they_stand(tmp_path):
     conf = write(tmp_path, 'c.py', "import math\n_private = 1\nmax_iters = 2 * 10\n"
                                    "def helper(): pass\nclass K: pass\nlearning_rate = math.sqrt(4) / 1000\n")
+    later = write(tmp_path, 'd.py', "max_iters = 30\n")
     cfg, given = parse_config([conf, '--max_iters=7'], DEFAULTS)
-    assert cfg['max_iters'] == 7 and cfg['learning_rate'] == 0.002 and given == {'max_iters', 'learning_rate'}
-    assert cfg_of(['--max_iters', '7', conf])['max_iters'] == 20   # a later file wins over an earlier override
+    assert cfg['max_iters'] == 7 and cfg['learning_rate'] == 0.002
+    assert given == {'max_iters': '--', 'learning_rate': conf}
+    assert cfg_of(['--max_iters', '7', conf])['max_iters'] == 7   # the README's order: files, then overrides
+    assert cfg_of([conf, later])['max_iters'] == 30                # a later file wins over an earlier one
+
+
+def test_a_config_file_that_exits_is_refused(tmp_path):
+    conf = write(tmp_path, 'c.py', "max_iters = 3\nraise SystemExit(0)\n")
+    with pytest.raises(UserError, match=r"c\.py calls exit\(\): a config file only sets values"):
+        parse_config([conf], DEFAULTS)
+
+
+def test_a_folder_or_pipe_given_as_a_config_file_is_named_as_such(tmp_path):
+    os.mkfifo(tmp_path / 'pipe.py')
+    with pytest.raises(UserError, match="is not a regular file \\(a pipe or a device\\)"):
+        parse_config([str(tmp_path / 'pipe.py')], DEFAULTS)   # opening it would wait for a writer forever
+    with pytest.raises(UserError, match="is a folder, not a file"):
+        parse_config([str(tmp_path)], DEFAULTS)
+
+
+def test_progress_prints_plain_lines_in_a_file_and_nothing_for_quick_work(tmp_path):
+    import io
+    import cli
+    out = io.StringIO()
+    p = cli.Progress('encode', total=4, unit='MB', after=0, every=0, stream=out)
+    for i in range(1, 5):
+        p.update(i)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith('encode: 1/4 MB (25%') and lines[-1].startswith('encode: 4/4 MB (100%')
+    quiet = io.StringIO()
+    q = cli.Progress('encode', total=4, stream=quiet)   # done within `after` seconds: silent
+    q.update(4)
+    q.close()
+    assert quiet.getvalue() == ''
 
 
 def test_config_file_runs_in_a_fresh_namespace_that_knows_its_path(tmp_path, monkeypatch):
@@ -274,7 +308,7 @@ def test_checkpoint_round_trip_and_damage_is_refused(tmp_path):
     assert at > 0
     data[at + 100:at + 104] = b'\x12\x34\x56\x78'
     open(path, 'wb').write(bytes(data))
-    with pytest.raises(UserError, match=r"is damaged \('model' does not match its fingerprint\)"):
+    with pytest.raises(UserError, match=r"is damaged \('model' does not match its checksum\)"):
         checkpoint.load_checkpoint(path)
     open(path, 'wb').write(bytes(data[:len(data) // 2]))
     with pytest.raises(UserError, match="truncated, damaged or not a PyTorch file"):
@@ -285,16 +319,24 @@ def test_checkpoint_round_trip_and_damage_is_refused(tmp_path):
         checkpoint.load_checkpoint(path, parts=('model', 'optimizer'))
 
 
-def test_fingerprint_sees_every_byte_and_every_value():
+def test_checksum_sees_every_byte_every_value_and_their_order():
+    """A real checksum: a changed value, a changed key, and values swapped inside a tensor (which a plain
+    sum of the bits would miss) all change it; checked against zlib's CRC-32 of the raw bytes."""
+    import zlib
     t = torch.randn(100)
-    base = checkpoint.fingerprint({'a': t, 'n': 3, 's': 'x'})
+    base = checkpoint.checksum({'a': t, 'n': 3, 's': 'x'})
+    swapped = t.clone()
+    swapped[[3, 70]] = t[[70, 3]]
     for change in ({'a': t.clone().index_fill_(0, torch.tensor([57]), 9.0), 'n': 3, 's': 'x'},
+                   {'a': swapped, 'n': 3, 's': 'x'}, {'a': t.view(10, 10), 'n': 3, 's': 'x'},
                    {'a': t, 'n': 4, 's': 'x'}, {'a': t, 'n': 3, 's': 'y'}, {'b': t, 'n': 3, 's': 'x'}):
-        assert checkpoint.fingerprint(change) != base
-    assert checkpoint.fingerprint({'a': t.clone(), 'n': 3, 's': 'x'}) == base
+        assert checkpoint.checksum(change) != base
+    assert checkpoint.checksum({'a': t.clone(), 'n': 3, 's': 'x'}) == base
+    x = torch.arange(10, dtype=torch.int16)
+    assert checkpoint.checksum(x) == zlib.crc32(x.numpy().tobytes(), zlib.crc32(b"torch.int16(10,)"))
     for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.bool):
         x = (torch.rand(64) > 0.5).to(dtype)
-        assert checkpoint.fingerprint(x) != checkpoint.fingerprint(1 - x.to(torch.int64)) or dtype is torch.bool
+        assert checkpoint.checksum(x) != checkpoint.checksum(x.flip(0)) or torch.equal(x, x.flip(0))
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -1,10 +1,11 @@
-"""train.py end to end on a tiny model and a few plays: learning, logs, exact resume (also after kill -9),
-DDP, and the reliability promise: no bad input, fault or second run destroys a finished result; every
-rejection is one stderr line with exit code 2."""
+"""train.py on a tiny model and a few plays: learning, logs, the whole-val result, exact resume (also after
+kill -9), activation checkpointing, DDP and FSDP, the memory plan, progress, and the reliability promise:
+no bad input, fault or second run destroys a finished result; every rejection is one line naming the
+fix, and following the fix works. Most tests call train.main in this process; a subprocess only where
+it is the point (kill -9, Ctrl-C, torchrun, the exit code)."""
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import torch
 
 import checkpoint
 import dataset
+import memory
 import prepare
 import train
 from cli import UserError
@@ -26,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--n_layer=2', '--n_embd=64', '--n_head=4', '--n_kv_head=2', '--head_dim=16', '--n_latent=4',
         '--n_expert=4', '--n_expert_active=2', '--expert_hidden=64', '--vocab_size=512', '--block_size=32',
         '--batch_size=4', '--eval_iters=2', '--warmup_iters=5', '--learning_rate=3e-3', '--min_lr=3e-4',
-        '--compile=False', '--device=cpu']
+        '--compile=False', '--device=cpu', '--final_eval=false']
 
 
 @pytest.fixture(scope='module')
@@ -34,6 +36,20 @@ def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp('data') / 'tiny')
     prepare.main([f'--data_dir={d}', '--max_docs=6', '--val_docs=1', '--vocab_size=512'])
     return d
+
+
+def train_here(*args):
+    """train.main in this process; returns what it returns (the whole-val result, or None)."""
+    return train.main(list(args))
+
+
+def refused(*args, match):
+    """train.main refuses with one line that contains `match`; returns the message."""
+    with pytest.raises(UserError) as e:
+        train.main(list(args))
+    message = str(e.value)
+    assert match in message and '\n' not in message, message
+    return message
 
 
 def train_cmd(*args, nproc=None):
@@ -85,12 +101,17 @@ def one_line_error(p, message):
     return p.stderr
 
 
-def test_loss_falls_and_log_has_fields(data_dir, tmp_path):
+# -----------------------------------------------------------------------------
+# a run: learning, its log, its result on the whole validation split
+
+def test_loss_falls_and_log_has_fields(data_dir, tmp_path, capsys):
     out = str(tmp_path / 'out')
-    p = run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=60', '--eval_interval=30',
-                  '--log_interval=10')
-    assert 'MaxVio' in p.stdout and 'val bpb' in p.stdout and 'tok/s' in p.stdout and 'ETA' in p.stdout
+    result = train_here(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=60', '--eval_interval=30',
+                        '--log_interval=10', '--final_eval=true')
+    stdout = capsys.readouterr().out
+    assert 'MaxVio' in stdout and 'val bpb' in stdout and 'tok/s' in stdout and 'ETA' in stdout
     log = read_log(out)
+    assert log[0]['kind'] == 'start' and len(log[0]['run_id']) == 12
     evals = [r for r in log if r['kind'] == 'eval']
     steps = [r for r in log if r['kind'] == 'train']
     assert [r['iter'] for r in evals] == [0, 30, 60]
@@ -109,22 +130,85 @@ def test_loss_falls_and_log_has_fields(data_dir, tmp_path):
         assert layers == pytest.approx(list((load.max(1) - 0.25) / 0.25), abs=2e-3)
     # bits per byte = nats per token / ln 2 / bytes per token; a BPE token holds more than one byte
     assert 0 < last['val_bpb'] < last['val_loss'] / 0.6931
-    assert log[-1]['kind'] == 'summary' and log[-1]['tokens_seen'] == 60 * 4 * 32
+    # the result: every val token scored once, in its own record and in the summary
+    final, summary = log[-2], log[-1]
+    meta = dataset.read_meta(data_dir)
+    assert final['kind'] == 'final' and final['iter'] == 60 and final['val_tokens_scored'] == meta['val_tokens'] - 1
+    assert result['val_loss'] == final['val_loss'] and len(final['val_max_vio_layers']) == 2
+    assert summary['kind'] == 'summary' and summary['tokens_seen'] == 60 * 4 * 32
+    assert summary['val_bpb'] == final['val_bpb'] and f"whole val split: loss {final['val_loss']:.4f}" in stdout
     # checkpoints: last (with optimizer) and best (weights only), verified on load, carrying the tokenizer
     ck, _ = checkpoint.load_checkpoint(os.path.join(out, 'ckpt.pt'), parts=('model', 'optimizer'))
     best, _ = checkpoint.load_checkpoint(os.path.join(out, 'ckpt_best.pt'))
-    assert ck['iter_num'] == 60 and 'optimizer' not in best
+    assert ck['iter_num'] == 60 and 'optimizer' not in best and ck['run_id'] == log[0]['run_id']
     assert not any(k.startswith('_orig_mod.') for k in ck['model'])
     enc = dataset.load_tokenizer(ck['tokenizer'])
     assert enc.decode(enc.encode('To be, or not')) == 'To be, or not'
 
 
+def test_whole_val_score_matches_a_brute_force_scoring(data_dir, tmp_path, capsys):
+    """--eval_only scores a checkpoint on every val token once; checked against full logits over the same
+    non-overlapping windows, bytes from tiktoken itself, and MaxVio from the routers' own picks."""
+    import math
+    import torch.nn.functional as F
+    from model import DeepSeekLM
+    out = str(tmp_path / 'out')
+    train_here(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=10', '--eval_interval=10')
+    got = train_here(f'--out_dir={out}', '--eval_only=last', '--device=cpu', '--batch_size=3')
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == got
+    ck, mconf = checkpoint.load_checkpoint(os.path.join(out, 'ckpt.pt'))
+    model = DeepSeekLM(mconf)
+    model.load_state_dict(ck['model'])
+    model.eval()
+    enc = dataset.load_tokenizer(ck['tokenizer'])
+    meta = dataset.read_meta(data_dir)
+    val = np.fromfile(os.path.join(data_dir, 'val.bin'), dtype=meta['dtype']).astype(np.int64)
+    nats = text_nats = nbytes = count = 0.0
+    for s in range(0, len(val) - 1, 32):
+        x = torch.tensor(val[s:s + 32][None])
+        y = torch.tensor(val[s + 1:s + 33][None])
+        x = x[:, :y.size(1)]
+        with torch.no_grad():
+            loss = F.cross_entropy(model(x)[0][0].float(), y[0], reduction='none')
+        for l, t in zip(loss.tolist(), y[0].tolist()):
+            nats, count = nats + l, count + 1
+            if t != meta['eot_id']:
+                text_nats, nbytes = text_nats + l, nbytes + len(enc.decode_single_token_bytes(t))
+    assert got['val_tokens_scored'] == count == len(val) - 1
+    assert got['val_loss'] == pytest.approx(nats / count, rel=1e-5)
+    assert got['val_bpb'] == pytest.approx(text_nats / math.log(2) / nbytes, rel=1e-5)
+    assert max(got['val_max_vio_layers']) == pytest.approx(got['val_max_vio'], abs=1e-4) and got['iter'] == 10
+
+
+def test_progress_from_the_first_minute(data_dir, tmp_path, capsys, monkeypatch):
+    """A run that would take days says so before anything slow starts (the first evaluation), with the
+    expected step time and a pointer to the mini config; the first step's time is printed as soon as it
+    is known, whatever log_interval is."""
+    class Stop(Exception):
+        pass
+
+    def first_eval(*args, **kw):
+        raise Stop
+    monkeypatch.setattr(train, 'evaluate', first_eval)
+    with pytest.raises(Stop):
+        train_here(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/slow', '--max_iters=1000000000')
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(':')[0] for line in lines] == ['model', 'data', 'run', 'memory', 'expected', 'note']
+    assert 's per step' in lines[4] and 'config/deepseek_mini.py' in lines[5] and 'days' in lines[5]
+    monkeypatch.undo()
+    train_here(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/first', '--max_iters=3', '--log_interval=50')
+    lines = capsys.readouterr().out.splitlines()
+    assert 'note' not in [line.split(':')[0] for line in lines]
+    first = [line for line in lines if line.startswith('iter 1/3')]
+    assert first and '(the first step)' in first[0] and 'ETA' in first[0]
+
+
 def test_resume_gives_identical_losses(data_dir, tmp_path):
     args = [*TINY, f'--data_dir={data_dir}', '--log_interval=1', '--eval_interval=8', '--lr_decay_iters=16']
     full, half = str(tmp_path / 'full'), str(tmp_path / 'half')
-    run_train(*args, f'--out_dir={full}', '--max_iters=16')
-    run_train(*args, f'--out_dir={half}', '--max_iters=8')
-    run_train(*args, f'--out_dir={half}', '--max_iters=16', '--init_from=resume')
+    train_here(*args, f'--out_dir={full}', '--max_iters=16')
+    train_here(*args, f'--out_dir={half}', '--max_iters=8')
+    train_here(*args, f'--out_dir={half}', '--max_iters=16', '--init_from=resume')
     a, b = losses(full), losses(half)
     assert sorted(b) == list(range(1, 17))
     assert [a[i] for i in range(1, 17)] == [b[i] for i in range(1, 17)]
@@ -139,19 +223,56 @@ def test_fp16_resume_keeps_the_loss_scale(data_dir, tmp_path):
     args = [*TINY, f'--data_dir={data_dir}', '--dtype=float16', '--log_interval=1', '--eval_interval=3',
             '--eval_iters=1']
     full, half = str(tmp_path / 'full'), str(tmp_path / 'half')
-    run_train(*args, f'--out_dir={full}', '--max_iters=6')
-    run_train(*args, f'--out_dir={half}', '--max_iters=3')
-    run_train(*args, f'--out_dir={half}', '--max_iters=6', '--init_from=resume')
+    train_here(*args, f'--out_dir={full}', '--max_iters=6')
+    train_here(*args, f'--out_dir={half}', '--max_iters=3')
+    train_here(*args, f'--out_dir={half}', '--max_iters=6', '--init_from=resume')
     sa = torch.load(os.path.join(full, 'ckpt.pt'), weights_only=True)['scaler']
     sb = torch.load(os.path.join(half, 'ckpt.pt'), weights_only=True)['scaler']
     assert sa == sb and sa['_growth_tracker'] > 3   # counted on across the resume, not from 0
     assert losses(full) == losses(half)
 
 
+def test_activation_checkpointing_trains_the_same(data_dir, tmp_path, capsys):
+    """--activation_checkpointing=true recomputes each block in backward: the same losses, step for step,
+    with expert dropout and router jitter on (the recomputation draws the same random numbers)."""
+    args = [*TINY, f'--data_dir={data_dir}', '--log_interval=1', '--eval_interval=6', '--max_iters=6',
+            '--expert_dropout=0.2', '--router_jitter=0.2']
+    train_here(*args, f'--out_dir={tmp_path}/plain', '--activation_checkpointing=false')
+    assert 'activation checkpointing off' in capsys.readouterr().out
+    train_here(*args, f'--out_dir={tmp_path}/recomputed', '--activation_checkpointing=true')
+    assert 'activation checkpointing on' in capsys.readouterr().out
+    assert losses(f'{tmp_path}/plain') == losses(f'{tmp_path}/recomputed')
+
+
+def test_memory_plan_turns_checkpointing_on_and_refuses_what_cannot_fit(data_dir, tmp_path, capsys, monkeypatch):
+    """On a device too small for the step, checkpointing comes on by itself and says so; on one too small
+    even for that, the run is refused before anything is written, naming settings that fit, and those
+    settings then train."""
+    from model import ModelConfig
+    mconf = ModelConfig(**{a[2:].split('=')[0]: int(a.split('=')[1]) for a in TINY[:11]})
+    plain, recomputed = (memory.estimate(mconf, 4, False, on)['total'] for on in (False, True))
+    assert recomputed < plain
+    args = [*TINY, f'--data_dir={data_dir}', '--max_iters=2', '--eval_interval=2']
+    monkeypatch.setattr(memory, 'device_memory', lambda dev: (plain + recomputed) / 2 / memory.HEADROOM)
+    train_here(*args, f'--out_dir={tmp_path}/auto')
+    assert 'activation checkpointing on (on: the step would not fit without it)' in capsys.readouterr().out
+    small = memory.estimate(mconf, 1, False, True)['total'] * 1.01 / memory.HEADROOM
+    monkeypatch.setattr(memory, 'device_memory', lambda dev: small)
+    message = refused(*args, '--batch_size=4', f'--out_dir={tmp_path}/big', match='more than 90% of the device')
+    assert not os.path.exists(f'{tmp_path}/big')
+    fix = message.split('try ')[1].split(' (the same')[0].split()
+    assert fix == ['--batch_size=1', '--gradient_accumulation_steps=4']
+    train_here(*args, '--batch_size=4', *fix, f'--out_dir={tmp_path}/big')
+    assert read_log(f'{tmp_path}/big')[-1]['tokens_seen'] == 2 * 4 * 32   # the same tokens per step
+
+
+# -----------------------------------------------------------------------------
+# processes: kill -9, Ctrl-C, torchrun
+
 def test_kill_9_then_resume_matches_and_logs_each_iteration_once(data_dir, tmp_path):
     args = [*TINY, f'--data_dir={data_dir}', '--log_interval=1', '--eval_interval=10', '--max_iters=40']
     ref, killed = str(tmp_path / 'ref'), str(tmp_path / 'killed')
-    run_train(*args, f'--out_dir={ref}')
+    train_here(*args, f'--out_dir={ref}')
     proc = subprocess.Popen(train_cmd(*args, f'--out_dir={killed}'), cwd=ROOT, env=env_for(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = os.path.join(killed, 'ckpt.pt')
@@ -164,7 +285,7 @@ def test_kill_9_then_resume_matches_and_logs_each_iteration_once(data_dir, tmp_p
     proc.wait()
     iter_at_kill = torch.load(ckpt, weights_only=True)['iter_num']
     assert iter_at_kill < 40 and max(losses(killed)) > iter_at_kill   # there are records to drop
-    run_train(*args, f'--out_dir={killed}', '--init_from=resume')
+    train_here(*args, f'--out_dir={killed}', '--init_from=resume')
     train_iters = [r['iter'] for r in read_log(killed) if r['kind'] == 'train']
     assert train_iters == list(range(1, 41))   # each iteration once, in order
     assert [r['iter'] for r in read_log(killed) if r['kind'] == 'eval'] == [0, 10, 20, 30, 40]
@@ -191,16 +312,28 @@ def test_ctrl_c_keeps_the_last_checkpoint(data_dir, tmp_path):
     assert checkpoint.load_checkpoint(ckpt, parts=('model', 'optimizer'))[0]['iter_num'] % 5 == 0
 
 
-def test_torchrun_two_processes_stay_in_sync(data_dir, tmp_path):
-    out = str(tmp_path / 'ddp')
-    p = run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=6', '--eval_interval=6',
-                  '--log_interval=3', '--gradient_accumulation_steps=2', nproc=2)
-    assert 'ddp: 2 ranks hold identical weights and router biases' in p.stdout, p.stdout + p.stderr
-    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
-    biases = [v for k, v in ck['model'].items() if k.endswith('expert_bias')]
-    assert len(biases) == 2 and any(b.abs().sum() > 0 for b in biases)   # balancing ran on all-reduced counts
-    log = read_log(out)
-    assert log[-1]['tokens_seen'] == 6 * 2 * 2 * 4 * 32   # iters x ranks x micro-steps x batch x block
+def test_torchrun_ddp_and_fsdp_train_as_one_process_does(data_dir, tmp_path):
+    """Two processes over batch 2 each see the same global batch as one process over batch 4: DDP and
+    FSDP (weights, gradients and AdamW state sharded) log the same losses to 1e-5, keep the balancing
+    biases identical on every rank, and FSDP's checkpoint is one ordinary file that a single process
+    resumes and sample.py reads."""
+    args = [*TINY, f'--data_dir={data_dir}', '--max_iters=6', '--eval_interval=3', '--log_interval=1',
+            '--expert_dropout=0', '--router_jitter=0']   # no per-rank random numbers
+    one = str(tmp_path / 'one')
+    train_here(*args, f'--out_dir={one}', '--batch_size=4')
+    for kind, extra in (('ddp', []), ('fsdp', ['--fsdp=true'])):
+        out = str(tmp_path / kind)
+        p = run_train(*args, f'--out_dir={out}', '--batch_size=2', *extra, nproc=2)
+        assert f'{kind}: 2 ranks hold identical' in p.stdout, p.stdout + p.stderr
+        a, b = losses(one), losses(out)
+        assert sorted(a) == sorted(b) and all(abs(a[i] - b[i]) < 1e-5 for i in a), (a, b)
+        ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+        biases = [v for k, v in ck['model'].items() if k.endswith('expert_bias')]
+        assert len(biases) == 2 and any(bias.abs().sum() > 0 for bias in biases)   # all-reduced counts
+        assert read_log(out)[-1]['tokens_seen'] == 6 * 2 * 2 * 32
+    train_here(f'--out_dir={tmp_path}/fsdp', '--init_from=resume', '--max_iters=8', '--device=cpu', '--fsdp=false',
+               '--batch_size=4')
+    assert max(losses(f'{tmp_path}/fsdp')) == 8
 
 
 # -----------------------------------------------------------------------------
@@ -212,7 +345,7 @@ def finished(data_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp('runs') / 'done')
     args = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=8', '--eval_interval=4',
             '--log_interval=1']
-    run_train(*args)
+    train_here(*args)
     return out, args
 
 
@@ -221,134 +354,124 @@ def finished(data_dir, tmp_path_factory):
          'or replace it with --overwrite=true'),
     (['--init_from=resume'], 'is at iter 8 and max_iters is 8: nothing to train; raise --max_iters to continue'),
     (['--init_from=resume', '--max_iters=4'], 'is at iter 8 and max_iters is 4'),
-    (['--init_from=resume', '--max_iters=12', '--n_layer=3'], "these overrides differ from it: --n_layer=3 "
+    (['--init_from=resume', '--max_iters=12', '--n_layer=3'], "these settings differ from it: --n_layer=3 "
                                                               "(checkpoint: 2)"),
     (['--init_from=resume', '--max_iters=12', '--block_size=64'], '--block_size=64 (checkpoint: 32)'),
 ])
 def test_a_finished_run_is_left_alone(finished, extra, message):
     out, args = finished
     before = snapshot(out)
-    one_line_error(run_train(*args, *extra, check=False), message)
+    refused(*args, *extra, match=message)
     assert snapshot(out) == before
 
 
-def test_resume_after_the_data_was_prepared_again_says_how_to_remake_it(tmp_path):
-    """Data prepared again in place with another vocab_size: the advice is the prepare command that makes
-    the checkpoint's data again (not --vocab_size, which the checkpoint fixes), and it works."""
+def test_resume_onto_other_data_is_refused_with_the_command_that_makes_its_own(tmp_path):
+    """Data prepared again in place with another vocab_size is refused, naming what differs and the prepare
+    command the checkpoint recorded, into a folder of its own; following it, the resume works. The same
+    data under another folder name is accepted. Nothing is written before a refusal."""
     d, out = str(tmp_path / 'data'), str(tmp_path / 'out')
     data_args = [f'--data_dir={d}', '--max_docs=4', '--val_docs=1']
     prepare.main([*data_args, '--vocab_size=400'])
-    run_train(*TINY, f'--data_dir={d}', f'--out_dir={out}', '--vocab_size=400', '--max_iters=2', '--eval_interval=2')
+    train_here(*TINY, f'--data_dir={d}', f'--out_dir={out}', '--vocab_size=400', '--max_iters=2', '--eval_interval=2')
     resume = [f'--out_dir={out}', '--init_from=resume', '--max_iters=4', '--device=cpu', '--compile=False']
-    os.rename(d, d + '-away')   # gone: the advice makes the checkpoint's data, not the defaults'
-    one_line_error(run_train(*resume, check=False),
-                   f"no dataset in {d}: run `python prepare.py --vocab_size=400 --val_docs=1 --max_docs=4 "
-                   f"--data_dir={d}` first")
+    os.rename(d, d + '-away')   # gone: the command makes the checkpoint's data, not the defaults'
+    refused(*resume, match=f"no dataset in {d}: run `python prepare.py --vocab_size=400 --val_docs=1 --max_docs=4 "
+                           f"--data_dir={d}` first")
+    shutil.copytree(d + '-away', str(tmp_path / 'renamed'))
+    train_here(*resume, f'--data_dir={tmp_path}/renamed')   # the same data under another name
     os.rename(d + '-away', d)
-    one_line_error(run_train(*resume, f'--data_dir={d}-typo', check=False),   # the right data is elsewhere
-                   f"{d}-typo does not hold the data {out}/ckpt.pt was trained on: resume with --data_dir={d}")
     prepare.main([*data_args, '--vocab_size=300', '--force'])
-    err = one_line_error(run_train(*resume, check=False), f"{d} is not the data {out}/ckpt.pt was trained on")
-    redo = re.search(r"`python prepare.py (.*)`", err).group(1).split()
-    assert sorted(redo) == sorted([*data_args, '--vocab_size=400'])   # the same text: no --force, no download
-    os.symlink(d, tmp_path / 'link')   # the same folder by another name: the same advice, for that name
-    err = one_line_error(run_train(*resume, f'--data_dir={tmp_path / "link"}', check=False), 'prepare it as it was')
-    assert f'--data_dir={tmp_path / "link"}' in err
-    prepare.main(redo)
-    meta_path = os.path.join(d, 'meta.json')
-    meta = json.load(open(meta_path))
-    meta['source']['val_names'] = ['another play']   # the same tokens, split otherwise: refused
-    open(meta_path, 'w').write(json.dumps(meta))
-    one_line_error(run_train(*resume, check=False), "(another tokenizer, text or split): the same text settings "
-                                                    "now make other data")
-    prepare.main(redo + ['--force'])   # the same settings are a no-op without it
-    meta = json.load(open(meta_path))
-    meta['config']['max_docs'] = 1000   # other settings that make the very same files: accepted
-    open(meta_path, 'w').write(json.dumps(meta))
-    run_train(*resume)
-    assert max(r['iter'] for r in read_log(out)) == 4
-    old = copy_files(out, str(tmp_path / 'old'), ['ckpt.pt', 'log.jsonl'])   # a checkpoint without the record
-    ck = torch.load(os.path.join(old, 'ckpt.pt'), weights_only=True)
-    ck['data'] = {k: ck['data'][k] for k in ('dir', 'source')}
-    checkpoint.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, f'{old}/ckpt.pt')
-    prepare.main([*data_args, '--vocab_size=300'])
-    one_line_error(run_train(f'--out_dir={old}', *resume[1:], '--max_iters=6', check=False),
-                   "(another tokenizer, text or split): prepare it again with the settings it was trained on")
+    before = snapshot(out)
+    message = refused(*resume, '--max_iters=6', f'--data_dir={d}',
+                      match=f"{d} is not the data the checkpoint was trained on (its tokenizer")
+    assert snapshot(out) == before and dataset.read_meta(d)['n_vocab'] <= 300   # nothing written, the other data kept
+    command = message.split('`')[1].split()
+    assert command[:2] == ['python', 'prepare.py'] and '--vocab_size=400' in command
+    prepare.main(command[2:])
+    train_here(*resume, '--max_iters=6', message.split(' and resume with ')[1].strip())   # --data_dir=that folder
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == 6
 
 
-def test_resume_advice_leaves_other_data_alone(tmp_path):
-    """--data_dir naming a folder of other data: the advice remakes the checkpoint's data in its own folder,
-    never over that one. Text edited since: the advice is to restore it, since remaking would not help."""
-    d, z, out = str(tmp_path / 'd'), str(tmp_path / 'z'), str(tmp_path / 'out')
-    prepare.main([f'--data_dir={d}', '--max_docs=4', '--val_docs=1', '--vocab_size=400'])
-    prepare.main([f'--data_dir={z}', '--max_docs=5', '--val_docs=1', '--vocab_size=300'])
-    run_train(*TINY, f'--data_dir={d}', f'--out_dir={out}', '--vocab_size=400', '--max_iters=2', '--eval_interval=2')
-    resume = [f'--out_dir={out}', '--init_from=resume', '--max_iters=4', '--device=cpu', '--compile=False']
-    os.rename(d, d + '-gone')
-    z_meta = dataset.read_meta(z)
-    err = one_line_error(run_train(*resume, f'--data_dir={z}', check=False), f"make it again in its own folder")
-    assert err.rstrip().endswith(f"--data_dir={d}`) and resume with --data_dir={d}, or train a new model into "
-                                 f"another --out_dir")
-    prepare.main(re.search(r"`python prepare.py (.*)`", err).group(1).split())
-    run_train(*resume, f'--data_dir={d}')
-    assert dataset.read_meta(z) == z_meta
-
-    notes, n, out2 = tmp_path / 'notes', str(tmp_path / 'n'), str(tmp_path / 'out2')
-    notes.mkdir()
-    for i in range(3):
-        (notes / f'{i}.txt').write_text(f"note {i}: " + "words of my own, " * 400)
-    made = ['--dataset=notes', f'--input={notes}', f'--data_dir={n}', '--val_docs=1']
-    prepare.main([*made, '--vocab_size=300'])
-    run_train(*TINY, f'--data_dir={n}', f'--out_dir={out2}', '--vocab_size=300', '--max_iters=2', '--eval_interval=2')
-    (notes / '0.txt').write_text("note 0, rewritten: " + "other words now, " * 400)
-    prepare.main([*made, '--vocab_size=290'])
-    one_line_error(run_train(f'--out_dir={out2}', *resume[1:], check=False),
-                   "the same text settings now make other data (edited files, a new download, another prepare.py)")
-
-
-def test_resume_refuses_other_data_damaged_or_incomplete_checkpoints(finished, data_dir, tmp_path):
+def test_resume_refuses_damaged_or_incomplete_checkpoints(finished, tmp_path):
     out, args = finished
-    other = str(tmp_path / 'other')
-    prepare.main([f'--data_dir={other}', '--max_docs=5', '--val_docs=1', '--vocab_size=400'])
     copy = copy_files(out, str(tmp_path / 'copy'), ['ckpt.pt', 'log.jsonl'])
     resume = [*args, f'--out_dir={copy}', '--init_from=resume', '--max_iters=12']
-    one_line_error(run_train(*resume, f'--data_dir={other}', check=False),
-                   f"{other} does not hold the data {copy}/ckpt.pt was trained on: resume with --data_dir={data_dir}")
     ckpt = os.path.join(copy, 'ckpt.pt')
     data = bytearray(open(ckpt, 'rb').read())
     data[len(data) // 2:len(data) // 2 + 8] = bytes(8 * [0x5A])   # bytes overwritten in the middle
     open(ckpt, 'wb').write(bytes(data))
-    one_line_error(run_train(*resume, check=False), 'is damaged')
+    message = refused(*resume, match='is damaged')
+    assert 'ckpt_best' not in message   # it holds no optimizer state: no resume from it
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     del ck['optimizer']
-    checkpoint.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
-    one_line_error(run_train(*resume, check=False), 'incomplete: it has no optimizer')
+    checkpoint.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'checksum')}, ckpt)
+    refused(*resume, match='incomplete: it has no optimizer')
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)   # well formed, but not this model's
     ck['model']['wte.weight_renamed'] = ck['model'].pop('wte.weight')
-    checkpoint.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
-    one_line_error(run_train(*resume, check=False), 'does not fit this model.py')
+    checkpoint.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'checksum')}, ckpt)
+    refused(*resume, match='does not fit this model.py')
     ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)   # two optimizers' states for AdamW's one
     ck['optimizer'] = ck['optimizer'] * 2
-    checkpoint.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'fingerprint')}, ckpt)
-    one_line_error(run_train(*resume, check=False), 'holds another optimizer state than --optimizer=adamw needs')
+    checkpoint.save_checkpoint({k: v for k, v in ck.items() if k not in ('format', 'checksum')}, ckpt)
+    refused(*resume, match='holds another optimizer state than --optimizer=adamw needs')
+    os.remove(ckpt)
+    os.mkfifo(ckpt)   # would hang a reader
+    refused(*resume, match='is not a regular file (a pipe or a device)')
 
 
-def test_resume_goes_on_with_the_recipe_it_started_with(finished, tmp_path):
-    """Settings not given again (no config file, say) are the checkpoint's, not train.py's defaults: the
-    resumed run matches one that was given every flag again."""
+def test_resume_goes_on_with_the_recipe_it_started_with(finished, tmp_path, capsys):
+    """Settings not given again are the checkpoint's; a config file given again does not change them
+    (its other values are named); an override does, and is printed old -> new. The resumed run matches
+    one that was given every flag again."""
     out, args = finished
-    copies = [copy_files(out, str(tmp_path / name), ['ckpt.pt', 'log.jsonl']) for name in ('given', 'bare')]
-    run_train(*args, f'--out_dir={copies[0]}', '--init_from=resume', '--max_iters=12')
-    run_train(f'--out_dir={copies[1]}', '--init_from=resume', '--max_iters=12', '--device=cpu')
-    lrs = [{r['iter']: (r['lr'], r['loss']) for r in read_log(c) if r['kind'] == 'train'} for c in copies]
+    copies = [copy_files(out, str(tmp_path / name), ['ckpt.pt', 'log.jsonl']) for name in ('given', 'bare', 'file')]
+    train_here(*args, f'--out_dir={copies[0]}', '--init_from=resume', '--max_iters=12')
+    train_here(f'--out_dir={copies[1]}', '--init_from=resume', '--max_iters=12', '--device=cpu')
+    lrs = [{r['iter']: (r['lr'], r['loss']) for r in read_log(c) if r['kind'] == 'train'} for c in copies[:2]]
     assert lrs[0] == lrs[1] and len(lrs[0]) == 12
+    conf = tmp_path / 'conf.py'
+    conf.write_text("learning_rate = 1e-2\nmin_lr = 1e-3\n")
+    capsys.readouterr()
+    train_here(str(conf), f'--out_dir={copies[2]}', '--init_from=resume', '--max_iters=12', '--device=cpu',
+               '--weight_decay=0.05')
+    printed = capsys.readouterr().out
+    assert "resume changes: max_iters 8 -> 12; weight_decay 0.1 -> 0.05" in printed
+    assert f"learning_rate 0.003 (not {conf}'s 0.01: override with --learning_rate)" in printed
+    assert all(r['lr'] <= 3e-3 for r in read_log(copies[2]) if r['kind'] == 'train')
+
+
+def test_overrides_win_wherever_they_stand(data_dir, tmp_path):
+    """The README's order: config files, then overrides, even when an override comes first."""
+    conf = tmp_path / 'conf.py'
+    conf.write_text(f"max_iters = 50\nout_dir = {str(tmp_path / 'from-file')!r}\n")
+    train_here('--max_iters=3', f'--out_dir={tmp_path}/flag', str(conf), *TINY, f'--data_dir={data_dir}',
+               '--eval_interval=3')
+    assert read_log(f'{tmp_path}/flag')[-1]['iter'] == 3 and not os.path.exists(tmp_path / 'from-file')
+
+
+def test_a_checkpoint_from_another_run_is_not_resumed_into_this_runs_log(finished, tmp_path):
+    out, args = finished
+    other = str(tmp_path / 'other')
+    train_here(*args, f'--out_dir={other}', '--max_iters=4', '--eval_interval=4')
+    mixed = copy_files(out, str(tmp_path / 'mixed'), ['log.jsonl'])
+    shutil.copyfile(os.path.join(other, 'ckpt.pt'), os.path.join(mixed, 'ckpt.pt'))
+    before = snapshot(mixed)
+    refused(*args, f'--out_dir={mixed}', '--init_from=resume', '--max_iters=8',
+            match='is from another run than')
+    assert snapshot(mixed) == before
+    os.rename(os.path.join(mixed, 'log.jsonl'), os.path.join(tmp_path, 'log-of-the-first-run.jsonl'))   # the advice
+    train_here(*args, f'--out_dir={mixed}', '--init_from=resume', '--max_iters=8')
+    assert sorted(losses(mixed)) == [5, 6, 7, 8]
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_started_over(finished, tmp_path):
     out, args = finished
     copy = copy_files(out, str(tmp_path / 'early'), ['log.jsonl'])
-    one_line_error(run_train(*args, f'--out_dir={copy}', check=False),
-                   'holds a run that wrote no checkpoint yet: start it over with --overwrite=true')
+    refused(*args, f'--out_dir={copy}', match='holds a run that wrote no checkpoint yet: start it over with '
+                                              '--overwrite=true')
+    best_only = copy_files(out, str(tmp_path / 'best'), ['ckpt_best.pt', 'log.jsonl'])
+    message = refused(*args, f'--out_dir={best_only}', match='but no ckpt.pt to resume: train into another --out_dir')
+    assert '--overwrite=true would delete' in message and os.path.exists(os.path.join(best_only, 'ckpt_best.pt'))
 
 
 def test_resume_drops_damaged_log_lines(tmp_path):
@@ -356,7 +479,8 @@ def test_resume_drops_damaged_log_lines(tmp_path):
     path = str(tmp_path / 'log.jsonl')
     with open(path, 'wb') as f:
         f.write(b'{"kind": "eval", "iter": 0}\n{"kind": "train", "iter": 5}\n[1, 2]\n\xff\xfe\n'
-                b'{"kind": "train", "iter": "x"}\n{"kind": "train", "iter": 15}\n{"kind": "train", "it')
+                b'{"kind": "train", "iter": "x"}\n{"kind": "train", "iter": 15}\n' + b'[' * 100_000 + b'\n'
+                b'{"kind": "train", "it')
     train.keep_log_until(path, 10)
     assert read_log(str(tmp_path)) == [{'kind': 'eval', 'iter': 0}, {'kind': 'train', 'iter': 5}]
 
@@ -364,7 +488,7 @@ def test_resume_drops_damaged_log_lines(tmp_path):
 def test_overwrite_starts_over(finished, tmp_path):
     out, args = finished
     copy = copy_files(out, str(tmp_path / 'copy'))
-    run_train(*args, f'--out_dir={copy}', '--max_iters=4', '--overwrite=yes')
+    train_here(*args, f'--out_dir={copy}', '--max_iters=4', '--overwrite=yes')
     assert [r['iter'] for r in read_log(copy) if r['kind'] == 'eval'] == [0, 4]
     assert torch.load(os.path.join(copy, 'ckpt.pt'), weights_only=True)['iter_num'] == 4
 
@@ -374,7 +498,7 @@ def test_data_being_read_is_not_prepared_over_and_data_being_written_is_not_read
         checkpoint.lock_folder(data_dir, 'training run', shared=True).close()   # other readers are welcome
         with pytest.raises(UserError, match=f'{data_dir} is in use by a training run reading it'):
             prepare.main([f'--data_dir={data_dir}', '--max_docs=6', '--val_docs=1', '--vocab_size=512', '--force'])
-    with checkpoint.lock_folder(data_dir, 'prepare run'):
+    with checkpoint.lock_folder(data_dir, 'prepare run'):   # another process: the lock is the point
         p = run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=2', check=False)
     one_line_error(p, f'{data_dir} is in use by a process writing it (pid {os.getpid()})')
 
@@ -382,12 +506,12 @@ def test_data_being_read_is_not_prepared_over_and_data_being_written_is_not_read
 def test_a_second_training_into_the_same_out_dir_refuses(data_dir, tmp_path):
     out = str(tmp_path / 'busy')
     with checkpoint.lock_folder(out, 'training run'):
-        p = run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2', check=False)
-    one_line_error(p, f'{out} is in use by another training run (pid {os.getpid()})')
+        refused(*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=2',
+                match=f'{out} is in use by another training run (pid {os.getpid()})')
 
 
 # -----------------------------------------------------------------------------
-# bad input: one line, exit code 2, nothing written
+# bad input: one line, nothing written
 
 @pytest.mark.parametrize('args, message', [
     (['--lerning_rate=1e-3'], "unknown config key 'lerning_rate' (did you mean 'learning_rate'?)"),
@@ -408,13 +532,16 @@ def test_a_second_training_into_the_same_out_dir_refuses(data_dir, tmp_path):
     (['--seed=-1'], 'seed must be in [0, 2**32)'),
     (['--expert_dropout=1.5'], 'expert_dropout must be in [0, 1)'),
     (['--block_size=100000'], 'fewer than block_size 100000 + 1: lower --block_size'),
-    (['--vocab_size=4294967297', '--n_layer=1'], 'more than the'),
+    (['--vocab_size=4294967297', '--n_layer=1'], 'the weights, gradients and AdamW state alone need'),
     (['--out_dir=README.md'], 'README.md is a file, not a folder'),
     (['--out_dir='], "out_dir must be a folder, got ''"),
     (['--min_lr=5'], 'min_lr 5.0 is above learning_rate 0.003: lower --min_lr'),
     (['--n_layer=100000'], 'n_layer must be in [1, 1024]'),
     (['--learning_rate=1e999'], "config key 'learning_rate' expects a finite number"),
     (['--device=cpu:x'], "device must be auto, cpu, cuda, cuda:N or mps, got 'cpu:x'"),
+    (['--ckpt_interval=7', '--eval_interval=10'], 'ckpt_interval 7 is not a multiple of eval_interval 10'),
+    (['--fsdp=true'], '--fsdp=true shards the model over several processes: start them with torchrun'),
+    (['--fsdp=true', '--optimizer=muon'], '--optimizer=muon orthogonalises whole weight matrices'),
     pytest.param(['--device=mps'], 'device=mps but this torch has no MPS',
                  marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason='this machine has MPS')),
     pytest.param(['--device=cuda'], 'device=cuda but CUDA is not available: use --device=cpu',
@@ -422,30 +549,45 @@ def test_a_second_training_into_the_same_out_dir_refuses(data_dir, tmp_path):
 ])
 def test_bad_input_is_one_clean_line(data_dir, args, message, tmp_path):
     before = snapshot(ROOT)
-    p = run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', *args, check=False)
-    one_line_error(p, message)
+    refused(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', *args, match=message)
     assert not os.path.exists(f'{tmp_path}/out') and snapshot(ROOT) == before   # nothing was written
+
+
+def test_advice_that_names_a_setting_works_when_followed(data_dir, tmp_path):
+    message = refused(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/o', '--ckpt_interval=7',
+                      '--eval_interval=5', '--max_iters=10', match='set --ckpt_interval=')
+    train_here(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/o', '--eval_interval=5', '--max_iters=10',
+               message.split('set ')[1])
+    assert torch.load(f'{tmp_path}/o/ckpt.pt', weights_only=True)['iter_num'] == 10
+    refused(*TINY, f'--data_dir={data_dir}', f'--out_dir={data_dir}', match='out_dir and data_dir are the same folder')
+
+
+def test_the_command_line_says_no_in_one_line_with_exit_code_2(data_dir, tmp_path):
+    one_line_error(run_train(*TINY, f'--data_dir={data_dir}', '--max_iters=lots', check=False),
+                   "config key 'max_iters' expects an int")
+    env = {k: v for k, v in os.environ.items() if k not in ('LOCAL_RANK', 'WORLD_SIZE')}
+    p = subprocess.run(train_cmd(*TINY, f'--data_dir={data_dir}'), capture_output=True, text=True, cwd=ROOT,
+                       env={**env, 'RANK': '0'}, timeout=120)
+    one_line_error(p, 'RANK is set but LOCAL_RANK or WORLD_SIZE is missing')
 
 
 def test_bad_data_is_one_clean_line(data_dir, tmp_path):
     # no data: the prepare command that makes it, from the run's config files and data settings
-    p = run_train(*TINY, f'--data_dir={tmp_path}/none', check=False)
-    one_line_error(p, f"no dataset in {tmp_path}/none: run `python prepare.py --vocab_size=512 "
-                      f"--data_dir={tmp_path}/none` first")
-    p = run_train('config/deepseek_mini.py', f'--data_dir={tmp_path}/none', '--max_iters', '5', check=False)
-    one_line_error(p, f"run `python prepare.py config/deepseek_mini.py --data_dir={tmp_path}/none` first")
+    refused(*TINY, f'--data_dir={tmp_path}/none', match=f"no dataset in {tmp_path}/none: run `python prepare.py "
+                                                        f"--vocab_size=512 --data_dir={tmp_path}/none` first")
+    refused('config/deepseek_mini.py', f'--data_dir={tmp_path}/none', '--max_iters', '5',
+            match=f"run `python prepare.py config/deepseek_mini.py --data_dir={tmp_path}/none` first")
     bad = copy_files(data_dir, str(tmp_path / 'bad'))
     meta = json.load(open(os.path.join(bad, 'meta.json')))
     ids = np.memmap(os.path.join(bad, 'train.bin'), dtype=meta['dtype'], mode='r+')
     ids[100] = meta['n_vocab'] + 5   # a token id outside the vocabulary
     ids.flush()
     del ids
-    one_line_error(run_train(*TINY, f'--data_dir={bad}', f'--out_dir={tmp_path}/o1', check=False),
-                   f"holds token id {meta['n_vocab'] + 5}, outside its tokenizer's")
+    refused(*TINY, f'--data_dir={bad}', f'--out_dir={tmp_path}/o1', match=f"holds token id {meta['n_vocab'] + 5}, "
+                                                                          f"outside its tokenizer's")
     meta['train_tokens'] = 'many'
     json.dump(meta, open(os.path.join(bad, 'meta.json'), 'w'))
-    one_line_error(run_train(*TINY, f'--data_dir={bad}', f'--out_dir={tmp_path}/o2', check=False),
-                   "'train_tokens' should be int, got 'many'")
+    refused(*TINY, f'--data_dir={bad}', f'--out_dir={tmp_path}/o2', match="'train_tokens' should be int, got 'many'")
 
 
 def test_lr_schedule():
@@ -513,9 +655,9 @@ def test_wsd_schedule():
 def test_divergence_stops_cleanly_and_keeps_last_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / 'nan')
     args = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--log_interval=1', '--eval_interval=4']
-    run_train(*args, '--max_iters=4')
+    train_here(*args, '--max_iters=4')
     before = open(os.path.join(out, 'ckpt.pt'), 'rb').read()
-    p = run_train(*args, '--max_iters=40', '--init_from=resume', '--learning_rate=1e9', '--min_lr=1e9', check=False)
-    one_line_error(p, 'training diverged')
-    assert f'the last good checkpoint {out}/ckpt.pt is kept' in p.stderr
+    message = refused(*args, '--max_iters=40', '--init_from=resume', '--learning_rate=1e9', '--min_lr=1e9',
+                      match='training diverged')
+    assert f'the last good checkpoint {out}/ckpt.pt is kept' in message
     assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before
