@@ -32,8 +32,9 @@ holds on a shared, noisy machine where absolute times would not. Rows (JSON keys
     compile_speedup        seconds to the first compiled train step of a 24-layer model, the whole model
                            as one graph over each block compiled on its own (train.py's way), with both
                            times (compile_whole_s, compile_blocks_s)
-    memory                 (counted, not timed) a config/deepseek.py step's memory: weights, gradients and
-                           AdamW state, and the tensors saved for backward per block and in all (bf16)
+    memory                 (counted, not timed) a config/deepseek.py step's memory (memory.py): weights,
+                           gradients and AdamW state, the tensors saved for backward (bf16) with and
+                           without activation checkpointing, and the largest batch per common GPU
 Keys ending in _eager are the same pairs without torch.compile.
 """
 
@@ -49,7 +50,9 @@ import torch
 import torch.nn as nn
 
 import cli
+import memory
 from model import DeepSeekLM, LatentTokenAttention, ModelConfig, MoE, apply_rope, attend, rope_tables
+from optim import optimizer_step
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL_KEYS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -141,27 +144,24 @@ _steps = {}
 
 
 def our_train_step(cfg, device, compiled):
-    """(step function, model FLOPs per step) of DeepSeekLM at cfg, trained as train.py trains it.
-    Memoised: several rows time the same compiled model and compilation is the slow part."""
+    """(step function, model FLOPs per step) of DeepSeekLM at cfg, trained as train.py trains it: the same
+    optimizer_step (forward, backward, grad clip, AdamW, router-bias update) on a fixed batch. Memoised:
+    several rows time the same compiled model and compilation is the slow part."""
     mconf = model_config(cfg)
     key = (repr(mconf), cfg['batch_size'], compiled)
     if key not in _steps:
         torch.manual_seed(0)
-        raw = DeepSeekLM(mconf).to(device).train()
+        model = DeepSeekLM(mconf).to(device).train()
         B, T = cfg['batch_size'], cfg['block_size']
         x = torch.randint(cfg['vocab_size'], (B, T + 1), device=device)
         _, ctx = autocast_for(device)
-
-        def loss_of(m):
-            with ctx:
-                return m(x[:, :-1], x[:, 1:])[1]
         if compiled:
-            raw.compile_blocks()   # as train.py compiles it
-        model = raw
-        opt, = raw.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)   # train.py's default AdamW
-        # train.py updates the balancing bias (and resets the expert counters) after every step
-        _steps[key] = (train_step(model, loss_of, device, opt, raw.update_router_bias),
-                       raw.flops_per_token(T) * B * T)
+            model.compile_blocks()   # as train.py compiles it
+        optimizers = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)   # train.py's default AdamW
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        batches = [(x[:, :-1], x[:, 1:])]
+        _steps[key] = (lambda: optimizer_step(model, model, optimizers, scaler, batches, ctx, 1.0),
+                       model.flops_per_token(T) * B * T)
     return _steps[key]
 
 
@@ -424,7 +424,7 @@ def row_mfu(args, device, out):
     out['mm_mfu'] = mm_flops / peak if peak else None
 
 
-def row_compile_time(args, device, out):
+def row_compile_speedup(args, device, out):
     """Seconds from nothing to the first compiled train step (forward + backward) of a 24-layer model:
     the whole model compiled as one graph, against each block on its own (train.py's way, one compiled
     block serving all 24), and their ratio. The mini config's widths: compile time follows the size of
@@ -460,37 +460,30 @@ def row_compile_time(args, device, out):
     out['compile_speedup'] = seconds['whole'] / seconds['blocks']
 
 
-def row_memory(args, device, out):
-    """Memory of a config/deepseek.py train step, counted rather than timed: weights, gradients and AdamW
-    state (16 bytes per parameter), and the tensors autograd saves for backward, per block and for the
-    rest (embedding, head), found with saved_tensors_hooks on a 1- and a 2-block model at the config's
-    batch, under the autocast of a GPU run (bf16); --quick counts a smaller batch."""
-    cfg = load_config('deepseek.py')
-    B, T = (1, 64) if args.quick else (cfg['batch_size'], cfg['block_size'])
-    saved = []
-    for n_layer in (1, 2):
-        torch.manual_seed(0)
-        model = DeepSeekLM(model_config({**cfg, 'n_layer': n_layer})).train()
-        x = torch.randint(cfg['vocab_size'], (B, T + 1))
-        storages = {}
+GPUS = [('T4 16 GB', 15.1, 'float16'), ('L4 24 GB', 22.0, 'bfloat16'), ('A100 40 GB', 39.4, 'bfloat16'),
+        ('A100 80 GB', 79.1, 'bfloat16'), ('H100 80 GB', 79.1, 'bfloat16')]   # usable GiB, as CUDA reports them
 
-        def keep(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast('cpu', dtype=torch.bfloat16):
-            model(x[:, :-1], x[:, 1:])
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved.append(sum(n for ptr, n in storages.items() if ptr not in params))
-    with torch.device('meta'):
-        n_params = DeepSeekLM(model_config(cfg)).num_params()
-    per_block, rest = saved[1] - saved[0], 2 * saved[0] - saved[1]
-    out['state_gib'] = 16 * n_params / 2**30
-    out['saved_per_block_gib'] = per_block / 2**30
-    out['saved_total_gib'] = (rest + cfg['n_layer'] * per_block) / 2**30
+
+def row_memory(args, device, out):
+    """Memory of a config/deepseek.py step, counted rather than timed (memory.py): weights, gradients and
+    AdamW state, the tensors saved for backward at the config's batch under bf16 autocast, with and
+    without activation checkpointing; and for common GPUs the largest batch (x 1,024 tokens) that fits
+    without checkpointing, with it, and sharded over two GPUs with FSDP. --quick: a 2-layer model."""
+    cfg = load_config('deepseek.py', **({'n_layer': 2} if args.quick else {}))
+    mconf, B = model_config(cfg), cfg['batch_size']
+    for on in (False, True):
+        est = memory.estimate(mconf, B, True, on)
+        suffix = '_checkpointed' if on else ''
+        out['state_gib'] = est['state'] / 2**30
+        out[f'saved{suffix}_gib'], out[f'step{suffix}_gib'] = est['saved'] / 2**30, est['total'] / 2**30
+    out['gpus'] = {name: {'no_checkpointing': memory.largest_batch(mconf, gib * 2**30, dtype != 'float32', False),
+                          'checkpointing': memory.largest_batch(mconf, gib * 2**30, dtype != 'float32', True),
+                          'fsdp_2_gpus': memory.largest_batch(mconf, gib * 2**30, dtype != 'float32', True, shards=2)}
+                   for name, gib, dtype in GPUS}
 
 
 ROWS = [row_train_vs_mm, row_step_vs_gemm_floor, row_moe_vs_dense, row_latent_attn_vs_causal, row_cache_speedup, row_mla_decode_vs_latent,
-        row_vs_transformers, row_mfu, row_compile_time, row_memory]
+        row_vs_transformers, row_mfu, row_compile_speedup, row_memory]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,7 +570,7 @@ UNITS = {'_gflops': 'GFLOP/s', '_tok_s': 'tokens/s', '_s': 'seconds', '_calls': 
 def print_table(out):
     print(f"{'':26s} {'ratio':>8s}   goal")
     for key, value in out.items():
-        if key in INFO_KEYS:
+        if key in INFO_KEYS or isinstance(value, dict):
             continue
         shown = 'null' if value is None else f"{value:.3f}"
         goal = GOALS.get(key)
@@ -586,6 +579,11 @@ def print_table(out):
             shown, goal = ('null' if value is None else f"{value:.1f}"), None
         verdict = '' if goal is None or value is None or out['quick'] else ('ok' if value >= goal else 'BELOW')
         print(f"{key:26s} {shown:>8s}   {'>= ' + format(goal, 'g') + '  ' + verdict if goal else unit}")
+    if out.get('gpus'):
+        print("largest batch (x 1,024 tokens) of config/deepseek.py per GPU: without / with activation "
+              "checkpointing / with it and FSDP over 2 GPUs")
+        for name, fits in out['gpus'].items():
+            print(f"  {name:24s} {fits['no_checkpointing']:>4d} {fits['checkpointing']:>4d} {fits['fsdp_2_gpus']:>4d}")
     note = ', --quick: smoke sizes, not the real figures' if out['quick'] else ''
     print(f"({out['device']}, torch {out['torch']}, load average {out['load_avg']} at start{note})")
 

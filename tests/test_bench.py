@@ -18,9 +18,10 @@ def test_quick_run_prints_table_and_json():
     out = json.loads(lines[-1])
     for key in ('train_vs_mm', 'train_vs_mm_eager', 'step_vs_gemm_floor', 'moe_vs_dense', 'latent_attn_vs_causal', 'cache_speedup',
                 'mla_decode_vs_latent', 'mla_decode_vs_latent_ctx16', 'latent_decode_tok_s', 'mla_decode_tok_s',
-                'vs_transformers', 'mfu', 'compile_speedup', 'state_gib', 'saved_total_gib'):
+                'vs_transformers', 'mfu', 'compile_speedup', 'state_gib', 'saved_gib', 'step_checkpointed_gib'):
         assert key in out, key
         assert any(line.startswith(key + ' ') for line in lines[:-1]), key   # a row of the table too
+    assert out['step_checkpointed_gib'] < out['step_gib'] and out['gpus']['T4 16 GB']['checkpointing'] >= 1
     assert out['quick'] is True and out['mfu'] is None and out['train_vs_mm'] is None   # no compile in --quick
     for key in ('train_vs_mm_eager', 'step_vs_gemm_floor', 'moe_vs_dense', 'latent_attn_vs_causal', 'cache_speedup',
                 'mla_decode_vs_latent'):
@@ -39,3 +40,12 @@ def test_only_must_name_a_row():
         p = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), f'--only={only}'],
                            capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert p.returncode == 2 and p.stderr.count('\n') == 1 and 'rows are' in p.stderr, p.stderr
+
+
+def test_every_row_name_is_accepted_by_only():
+    """Each row's name, as the docstring lists it, is what --only takes (compile_speedup was once refused)."""
+    import bench
+    names = [r.__name__[len('row_'):] for r in bench.ROWS]
+    assert 'compile_speedup' in names and 'memory' in names
+    for name in names:
+        assert f"    {name} " in bench.__doc__, name
