@@ -1,13 +1,16 @@
 """
 The model's machinery, beside it as DeepSeek-V3's kernel.py is: the experts' grouped matmul (a custom
 op, with a plain per-expert fallback), the LM head and its loss in chunks of rows, the MoE's
-permutation gather, and the dtype matmuls run in under autocast. model.py says what is computed; this
+permutation gather, the dtype matmuls run in under autocast, and activation checkpointing. model.py says what is computed; this
 file, how.
 """
+
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 @torch.library.custom_op("deepseek_nano::grouped_mm", mutates_args=())
@@ -141,3 +144,29 @@ class GatherRows(torch.autograd.Function):
         inv, = ctx.saved_tensors
         grad = grad.index_select(0, inv)
         return (grad if ctx.k == 1 else grad.unflatten(0, (-1, ctx.k)).sum(1)), None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation checkpointing: a block keeps only its input for backward, and runs its forward again there
+
+RECOMPUTING = [False]   # True while a block's forward runs again for its backward
+
+
+def call(block, *args):
+    return block(*args)
+
+
+def checkpointed(block, *args):
+    """block(*args), saving only the inputs for backward (torch.utils.checkpoint, non-reentrant). The
+    random numbers (router jitter, expert dropout) repeat in the second forward, since checkpoint restores
+    the RNG state; RECOMPUTING tells the routers not to count their picks twice."""
+    return checkpoint(block, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), recomputing()))
+
+
+@contextmanager
+def recomputing():
+    RECOMPUTING[0] = True
+    try:
+        yield
+    finally:
+        RECOMPUTING[0] = False

@@ -7,23 +7,19 @@ A DeepSeek-style language model in one file.
         x = x + MoE(RMSNorm(x))           Router -> top-k of n_expert experts, auxiliary-loss-free balancing
     RMSNorm -> LM head
 
-Reading order: ModelConfig; RoPE and the two attention types; the MoE (Router, experts); Block;
-KVCache; DeepSeekLM (forward, balancing, optimizers, generation). How the experts' matmuls and the
-chunked loss run is in kernel.py; the Muon optimizer in optim.py. ModelConfig's defaults are the
-reference configuration of the architecture card, config/deepseek.py: 679.8M parameters, 226.8M
-active per token.
+Reading order: ModelConfig; RoPE and the two attention types; the MoE (Router, experts); Block; KVCache;
+DeepSeekLM (forward, balancing, optimizers, generation). How the matmuls and the loss run: kernel.py;
+Muon: optim.py. ModelConfig's defaults are the architecture card's model, 679.8M parameters.
 """
 
 import math
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from kernel import GatherRows, grouped_mm, linear_cross_entropy, matmul_dtype
+from kernel import RECOMPUTING, GatherRows, call, checkpointed, grouped_mm, linear_cross_entropy, matmul_dtype
 from optim import Muon
 
 
@@ -67,10 +63,9 @@ class ModelConfig:
                      'qk_rope_head_dim', 'v_head_dim'):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        if self.attention not in ('latent', 'mla'):
-            raise ValueError(f"attention must be 'latent' or 'mla', got {self.attention!r}")
-        if self.router_score not in ('softmax', 'sigmoid'):
-            raise ValueError(f"router_score must be 'softmax' or 'sigmoid', got {self.router_score!r}")
+        for name, choices in (('attention', ('latent', 'mla')), ('router_score', ('softmax', 'sigmoid'))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be '{choices[0]}' or '{choices[1]}', got {getattr(self, name)!r}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.n_expert_active > self.n_expert:
@@ -81,9 +76,7 @@ class ModelConfig:
         for name in ('n_embd', 'expert_hidden'):
             if getattr(self, name) % 8:
                 raise ValueError(f"{name} must be a multiple of 8 (grouped matmul alignment), got {getattr(self, name)}")
-        if not 0 <= self.expert_dropout < 1:
-            raise ValueError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
-        for name in ('router_jitter', 'balance_rate', 'norm_eps'):
+        for name in ('expert_dropout', 'router_jitter', 'balance_rate', 'norm_eps'):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.rope_theta > 1:
@@ -117,10 +110,8 @@ def apply_rope(x, cos, sin):
 
 
 def attend(q, k, v, attn_mask, is_causal, scale=None):
-    """Scaled dot-product attention over keys that start with the latent slots.
-    q (B, T, H, Dqk), k (B, S, Hkv, Dqk), v (B, S, Hkv, Dv) -> (B, T, H*Dv).
-
-    is_causal: the keys are exactly [S-T latents; the T query tokens]. We prepend S-T zero queries so
+    """Attention over keys that start with the latent slots: q (B, T, H, Dqk), k (B, S, Hkv, Dqk),
+    v (B, S, Hkv, Dv) -> (B, T, H*Dv). is_causal: the keys are exactly [S-T latents; the T query tokens]. We prepend S-T zero queries so
     that the square causal mask lets token t see every latent and tokens <= t, then drop their rows:
     SDPA's is_causal kernel skips the masked upper triangle, which an explicit mask cannot.
     Otherwise attn_mask is None (decode: every cached key is visible) or a bool (B, 1, T, S) mask."""
@@ -241,10 +232,9 @@ class MultiHeadLatentAttention(nn.Module):
         return attend(q, k, v, attn_mask, is_causal, scale=self.scale)
 
     def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, attn_mask):
-        """Same result, attending to the compressed cache: q_nope·W_UK·c_kv and (p·c_kv)·W_UV.
-        All heads share the one latent 'head', so they ride along the query axis, (T*H) queries against
-        S keys: asking SDPA for GQA instead would copy the whole cache once per head. attn_mask (B, 1, T, S)
-        or None (every query sees every key, as one new token does)."""
+        """Same result, against the compressed cache: q_nope·W_UK·c_kv and (p·c_kv)·W_UV. All heads share
+        the one latent 'head', so they ride along the query axis, (T*H) queries against S keys (SDPA's GQA
+        would copy the cache once per head). attn_mask (B, 1, T, S) or None (one new token sees all)."""
         B, T, H, _ = q_nope.shape
         w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, :self.nope].to(q_nope.dtype), w[:, self.nope:].to(q_nope.dtype)
@@ -264,13 +254,10 @@ class Router(nn.Module):
 
     Auxiliary-loss-free balancing (Wang et al. 2024, used by DeepSeek-V3): expert_bias only decides
     which experts a token goes to, never how much their outputs weigh, so balancing does not bend the
-    gradient the way an auxiliary loss does; DeepSeekLM.update_router_bias moves each bias against its
-    expert's load after every optimizer step, from the counts kept here. With router_center, the router
-    sees each token minus the running mean of the sequence it is in (the window the model reads, from its
-    first token): all tokens of a document share a component (its topic and style) that would lean the
-    whole document towards the same experts, and one global bias per expert can cancel only the training
-    mix's average lean, not each document's. The first token of a sequence is its own mean, so it routes
-    on the biases alone, with equal gates."""
+    gradient as an auxiliary loss does; DeepSeekLM.update_router_bias moves each bias against its
+    expert's load after every optimizer step. With router_center, the router sees each token minus the
+    running mean of its sequence: a document's shared topic and style would otherwise lean all of it
+    towards the same experts, a lean one global bias cannot cancel (docs/balancing.md)."""
 
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -278,8 +265,7 @@ class Router(nn.Module):
         self.k, self.score, self.jitter = cfg.n_expert_active, cfg.router_score, cfg.router_jitter
         self.weight = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd))
         self.register_buffer('expert_bias', torch.zeros(cfg.n_expert))    # balancing state, never trained by SGD
-        # each expert's load fraction, averaged over steps: for inspecting a checkpoint only, since the bias
-        # update reacts to each step's own counts
+        # each expert's load fraction averaged over steps, for inspecting a checkpoint (the bias reacts to counts)
         self.register_buffer('expert_load', torch.full((cfg.n_expert,), 1.0 / cfg.n_expert))
         # picks since the last balancing update; an integer, so that counts stay exact in any model dtype
         self.register_buffer('expert_counts', torch.zeros(cfg.n_expert, dtype=torch.long), persistent=False)
@@ -323,10 +309,9 @@ class Router(nn.Module):
 class MoE(nn.Module):
     """Dropless top-k mixture of experts, each expert Linear(n_embd, expert_hidden) -> SiLU ->
     Linear(expert_hidden, n_embd) -> dropout. Training and prefill sort the (token, choice) pairs by
-    expert, so each expert's tokens are one contiguous run, and run all experts as one grouped matmul;
-    decoding a handful of tokens runs just the chosen experts. Training never waits for the device on
-    the grouped-matmul path; decoding, and the per-expert fallback of fp16 GPUs, read the expert choices
-    back to the host (.tolist())."""
+    expert into contiguous runs and run all experts as one grouped matmul, which never waits for the
+    device; decoding a few tokens runs just the chosen experts, and it and the per-expert fallback of fp16
+    GPUs read the choices back to the host (.tolist())."""
 
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -382,24 +367,6 @@ def max_violation(counts):
 # ----------------------------------------------------------------------------------------------
 # A block, and the KV cache that generation threads through the blocks
 
-RECOMPUTING = [False]   # True while activation checkpointing runs a block's forward again for its backward
-
-
-@contextmanager
-def recomputing():
-    RECOMPUTING[0] = True
-    try:
-        yield
-    finally:
-        RECOMPUTING[0] = False
-
-
-def recomputation_contexts():
-    """For torch.utils.checkpoint: nothing special the first time, `recomputing` the second. The random
-    numbers (router jitter, expert dropout) repeat by themselves: checkpoint restores the RNG state."""
-    return nullcontext(), recomputing()
-
-
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -415,10 +382,9 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for generation, laid out (B, slot, ...): the layer's n_latent
-    latent slots first, then the tokens in order. It also keeps what attention needs to know about
-    those slots: which ones are padding (left-padded prompts), and how many real tokens each row has,
-    which is the next token's RoPE position; and, per layer, the running sums of the routers' inputs."""
+    """Keys and values of every layer for generation, laid out (B, slot, ...): the n_latent latent slots,
+    then the tokens in order; which slots are padding (left-padded prompts); each row's count of real
+    tokens (the next RoPE position); and per layer the running sums of the routers' inputs."""
 
     def __init__(self, batch_size, n_latent, max_tokens, n_layer, device):
         self.n_latent, self.max_slots = n_latent, n_latent + max_tokens
@@ -430,8 +396,7 @@ class KVCache:
         self.n_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @property
-    def first(self):
-        """True during the forward that fills an empty cache: its latent slots come first."""
+    def first(self):   # the forward that fills an empty cache: its latent slots come first
         return self.start == 0
 
     @property
@@ -517,8 +482,7 @@ class DeepSeekLM(nn.Module):
     # --- sizes ------------------------------------------------------------------------------------
 
     def num_params(self, active=False):
-        """All parameters (the tied embedding once); active=True counts only the k routed experts a
-        token uses. Works on the meta device."""
+        """All parameters (the tied embedding once); active=True: only the k routed experts a token uses."""
         n = sum(p.numel() for p in self.parameters())
         if active:
             c = self.config
@@ -533,20 +497,16 @@ class DeepSeekLM(nn.Module):
         embedding lookup is free) plus causal attention: on average a token's query meets n_latent +
         (T+1)/2 keys, at 2 FLOPs per multiply-add over the q.k and p.v widths, times 3 for backward."""
         c = self.config
-        if c.attention == 'mla':
-            qk, v = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
-        else:
-            qk = v = c.head_dim
+        qk, v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attention == 'mla' else (c.head_dim,) * 2
         keys = c.n_latent + (seq_len + 1) / 2
         return 6 * self.num_params(active=True) + 6 * c.n_layer * c.n_head * (qk + v) * keys
 
     # --- forward ----------------------------------------------------------------------------------
 
     def forward(self, idx, targets=None, attention_mask=None, cache=None, reduction='mean'):
-        """idx (B, T) token ids; attention_mask (B, T): 1 for real tokens, 0 for (left) padding.
-        Without targets: (logits (B, T, vocab), None). With targets (B, T): (None, loss), the cross-entropy
-        over targets != -1, its mean or (reduction='none', no gradient) each token's; the head and the loss
-        run in chunks of rows, so the full logits are never materialised."""
+        """idx (B, T) token ids; attention_mask (B, T): 1 for real tokens, 0 for (left) padding. Without
+        targets: (logits (B, T, vocab), None). With targets (B, T): (None, the cross-entropy over targets
+        != -1: its mean, or with reduction='none' each token's), computed in chunks of rows (kernel.py)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
@@ -563,12 +523,9 @@ class DeepSeekLM(nn.Module):
         cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)   # (B, T, 1, D/2)
         x = self.wte(idx)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute:   # keep only the block's input; its backward runs its forward again
-                x = checkpoint(block, x, cos, sin, attn_mask, is_causal, cache, real if padded else None,
-                               use_reentrant=False, context_fn=recomputation_contexts)
-            else:
-                x = block(x, cos, sin, attn_mask, is_causal, cache, real if padded else None)
+        for block in self.blocks:   # with recompute, a block keeps only its input; backward runs it again
+            x = (checkpointed if recompute else call)(block, x, cos, sin, attn_mask, is_causal, cache,
+                                                      real if padded else None)
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x), None
@@ -629,8 +586,8 @@ class DeepSeekLM(nn.Module):
         return [adamw, Muon(matrices, lr=learning_rate, weight_decay=weight_decay)]
 
     def compile_blocks(self):
-        """torch.compile each block on its own. The blocks share their code, so one compiled graph serves
-        all n_layer of them: compiling takes seconds instead of the minutes of the unrolled whole model."""
+        """torch.compile each block on its own: one compiled graph serves all n_layer of them, in seconds
+        instead of the minutes of the unrolled whole model."""
         for block in self.blocks:
             block.compile(fullgraph=True)
 
@@ -643,10 +600,9 @@ class DeepSeekLM(nn.Module):
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, attention_mask=None,
                         use_cache=True):
-        """Yield the next token of every row, (B,), up to max_new_tokens times. Prompts of different lengths
-        are left-padded with attention_mask 0. With the cache: one prefill, then one token per step; when
-        the window reaches block_size, the cache is refilled from the last block_size tokens (the context
-        is cropped). temperature=0 is greedy."""
+        """Yield the next token of every row, (B,), up to max_new_tokens times; prompts of different lengths
+        are left-padded with attention_mask 0. With the cache: one prefill, then one token per step; a full
+        window refills the cache from the last block_size tokens. temperature=0 is greedy."""
         bs = self.config.block_size
         mask = attention_mask
         cache, step_input = None, None
