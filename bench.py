@@ -538,12 +538,15 @@ def main(argv):
         # ratios survive steady load, but OpenMP threads that wait on descheduled siblings make many-small-op
         # code (the MoE, decoding) lose far more than one big torch.mm: expect lower ratios than on a quiet machine
         print(f"warning: load average {out['load_avg']} on {os.cpu_count()} cores before starting", file=sys.stderr)
+    heartbeat = cli.Heartbeat(stream=sys.stderr)   # some rows compile or time for minutes on a CPU
     for row, name in zip(ROWS, names):
         if only and name not in only:
             continue
         t0 = time.time()
+        heartbeat.beat(name)
         row(args, device, out)
         print(f"[{name}: {time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
+    heartbeat.close()
     print_table(out)
     if args.json:
         print(json.dumps(out))

@@ -256,10 +256,11 @@ class Heartbeat:
     thread says what is still running after every `every` seconds of silence. Call beat(what) whenever
     the script prints, and close() at the end."""
 
-    def __init__(self, every=25.0):
-        self.every, self.what, self.last = every, '', time.time()
+    def __init__(self, every=25.0, active=True, stream=None):
+        self.every, self.what, self.last, self.stream = every, '', time.time(), stream
         self.done = threading.Event()
-        threading.Thread(target=self.run, daemon=True).start()
+        if active:   # under torchrun, the first process speaks for all
+            threading.Thread(target=self.run, daemon=True).start()
 
     def beat(self, what):
         self.what, self.last = what, time.time()
@@ -268,7 +269,7 @@ class Heartbeat:
         while not self.done.wait(1.0):
             if self.what and time.time() - max(self.last, LAST_OUTPUT[0]) >= self.every:
                 print(f"  ... {self.what} (still running, {fmt_time(time.time() - self.last)} since the last line)",
-                      flush=True)
+                      file=self.stream or sys.stdout, flush=True)
                 self.every *= 2 if self.every < 300 else 1   # fewer lines for work that takes hours
                 self.last = time.time()
 

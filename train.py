@@ -105,17 +105,21 @@ def main(argv):
     cfg, given = settings(argv)
     run = start_processes(cfg)
     with contextlib.ExitStack() as held:   # folder locks and the heartbeat, released however main ends
+        heartbeat = held.enter_context(contextlib.closing(cli.Heartbeat(active=run.master)))
         ckpt = None
         if cfg['init_from'] == 'resume' or cfg['eval_only']:
+            heartbeat.beat('reading the checkpoint')
             ckpt, cfg = resume_point(cfg, given, run)
         data = open_data(cfg, argv, ckpt, held)
         mconf = ModelConfig(**(ckpt['model_args'] if ckpt else {k: cfg[k] for k in MODEL_DEFAULTS}))
         check_data(data, mconf)
         if cfg['eval_only']:
             return score_checkpoint(ckpt, mconf, data, cfg, run)
+        heartbeat.beat('counting the memory a step needs')
         recompute, memory_line = plan_memory(cfg, mconf, run)
         if run.master:
             claim_out_dir(cfg, held)
+        heartbeat.beat('building the model')
         model, raw_model, optimizers, scaler, state = build(cfg, mconf, run, ckpt, recompute)
         ckpt = None   # free the memory-mapped file
         enc = ds.load_tokenizer(data.tok_spec)
@@ -123,7 +127,6 @@ def main(argv):
                                    dtype=torch.float32)   # bits per byte: each target's UTF-8 bytes
         log = Log(cfg, run, state, mconf.block_size)
         announce(cfg, mconf, data, run, raw_model, state, memory_line, log)
-        heartbeat = held.enter_context(contextlib.closing(cli.Heartbeat())) if run.master else None   # noqa: SIM115
 
         # --- the loop -------------------------------------------------------------------------------
         model.train()
@@ -133,6 +136,7 @@ def main(argv):
             set_lr(optimizers, get_lr(it, cfg))
             last = it == cfg['max_iters']
             if (it % cfg['eval_interval'] == 0 or last) and not (it == clock.start > 0):
+                heartbeat.beat(f"evaluating at iter {it}")
                 ev = evaluate(model, raw_model, data.bins, data.meta['dtype'], cfg, mconf.block_size, run.dev,
                               run.autocast, token_bytes, run.master)
                 log.evaluation(it, ev)
@@ -140,8 +144,7 @@ def main(argv):
                 clock.restart(it)   # keep evaluations out of the step timing
             if last:
                 break
-            if heartbeat:
-                heartbeat.beat(f"iter {it + 1}")
+            heartbeat.beat(f"iter {it + 1}")
             # drawn here, not prefetched, so a checkpoint's sampler state is exactly the next batch's
             batches = [get_batch(data.bins['train'], data.meta['dtype'], cfg['batch_size'], mconf.block_size,
                                  state['data_rng'], run.dev, run.rank, run.world)
@@ -153,6 +156,7 @@ def main(argv):
                 log.step(state['iter'], loss, grad_norm, balance, clock.lap(state['iter']), get_lr(it, cfg))
 
         # --- the result: the final model on the whole validation split ------------------------------
+        heartbeat.beat('scoring the whole validation split')
         final = evaluate_whole(model, raw_model, data.bins['val'], data.meta['dtype'], mconf.block_size,
                                cfg['batch_size'], run, token_bytes) if cfg['final_eval'] else None
         log.final(state['iter'], final, clock, raw_model)
