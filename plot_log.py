@@ -26,15 +26,16 @@ def main(argv):
     cfg, _ = cli.parse_config(argv, DEFAULTS, skip_file_keys=True)   # of a training config: its out_dir
     log = cfg['log'] or os.path.join(cfg['out_dir'], 'log.jsonl')
     png = cfg['png'] or os.path.join(cfg['out_dir'], 'run.png')
-    if not os.path.isfile(log):
-        raise UserError(f"no log at {log}: train first with `python train.py CONFIG`")
+    if not os.path.lexists(log):
+        raise UserError(f"no log at {log}: train first with `python train.py --out_dir={cfg['out_dir']}`")
+    cli.check_file(log, 'log')   # a folder, or a pipe that would hang the reader
     if not png.endswith('.png') or os.path.isdir(png):   # never write over a checkpoint, a log or a folder
         raise UserError(f"--png={png} is not a .png file name: give one, e.g. --png=run.png")
     try:
         with open(log, encoding='utf-8') as f:
             records = [json.loads(line) for line in f if line.strip()]
-    except ValueError as e:   # not JSON, or not UTF-8
-        raise UserError(f"{log} is not a log of train.py ({e})") from None
+    except (ValueError, RecursionError) as e:   # not JSON, not UTF-8, or nested beyond reason
+        raise UserError(f"{log} is not a log of train.py ({type(e).__name__})") from None
     records = [r for r in records if isinstance(r, dict) and number(r.get('iter'))]
     train = [r for r in records if r.get('kind') == 'train' and number(r.get('loss')) and number(r.get('max_vio'))]
     evals = [r for r in records if r.get('kind') == 'eval' and number(r.get('val_loss'))

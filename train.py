@@ -678,8 +678,12 @@ class Log:
             return
         if line:
             print(line, flush=True)
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:   # a full disk: say which file, and that the checkpoints stand
+            raise UserError(f"cannot write {self.path} ({e.strerror}): free disk space, then resume with "
+                            f"--init_from=resume (the last checkpoint is kept)") from None
 
     def evaluation(self, it, ev):
         if self.run.device_type == 'cuda':

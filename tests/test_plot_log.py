@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -56,3 +57,17 @@ def test_draws_loss_balance_and_load_per_layer(tmp_path):
     assert p.returncode == 0, p.stderr
     png = tmp_path / 'run.png'
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and sorted(os.listdir(tmp_path)) == ['log.jsonl', 'run.png']
+
+
+def test_a_pipe_a_folder_or_deep_json_as_the_log_is_one_line(tmp_path):
+    """A FIFO as the log would hang the reader; JSON nested 100,000 deep overflows the parser: both are
+    named in one line, and a missing log's advice names the run folder."""
+    import plot_log
+    from cli import UserError
+    os.mkfifo(tmp_path / 'pipe.jsonl')
+    (tmp_path / 'deep.jsonl').write_text('[' * 100_000 + '\n')
+    for log, message in (('pipe.jsonl', 'is not a regular file (a pipe or a device)'),
+                         ('.', 'is a folder, not a file'), ('deep.jsonl', 'is not a log of train.py (RecursionError)'),
+                         ('none.jsonl', f'train first with `python train.py --out_dir={tmp_path}`')):
+        with pytest.raises(UserError, match=re.escape(message)):
+            plot_log.main([f'--out_dir={tmp_path}', f'--log={tmp_path / log}'])
