@@ -120,10 +120,14 @@ def plan(mconf, batch_size, accum, low_precision, memory, shards, checkpointing)
     if est['total'] > HEADROOM * memory:
         raise ValueError(refusal(mconf, batch_size, accum, low_precision, memory, shards, on, est))
     why = (' (on: the step would not fit without it)' if on and checkpointing is None else '')
-    line = (f"memory: a step needs about {est['total'] / GiB:.1f} GiB of the device's {memory / GiB:.1f} GiB "
-            f"(weights, gradients, AdamW {est['state'] / GiB:.1f}; saved for backward {est['saved'] / GiB:.1f}; "
-            f"temporaries {est['transient'] / GiB:.1f}); activation checkpointing {'on' if on else 'off'}{why}")
+    line = (f"memory: a step needs about {size(est['total'])} of the device's {size(memory)} (weights, gradients, "
+            f"AdamW {size(est['state'])}; saved for backward {size(est['saved'])}; temporaries {size(est['transient'])}); "
+            f"activation checkpointing {'on' if on else 'off'}{why}")
     return on, est, line
+
+
+def size(n):
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
 def refusal(mconf, batch_size, accum, low_precision, memory, shards, on, est, weights_only=False):
@@ -135,11 +139,11 @@ def refusal(mconf, batch_size, accum, low_precision, memory, shards, on, est, we
                      f"tokens per step{'' if batch_size % b == 0 else ', about'})")
     elif b == batch_size and not on:
         fixes.append("--activation_checkpointing=true")
-    for n in (2, 4, 8):
-        if n > shards and not weights_only and largest_batch(mconf, memory, low_precision, True, n, limit=1) >= 1:
+    for n in (2, 4, 8):   # sharded: the weights' state alone must fit first (cheap to tell), then a step
+        if n > shards and est['total'] * shards / n <= HEADROOM * memory and (
+                weights_only or largest_batch(mconf, memory, low_precision, True, n, limit=1) >= 1):
             fixes.append(f"--fsdp=true under torchrun over {n} GPUs")
             break
     fix = '; or '.join(fixes) if fixes else "a smaller model (--n_layer, --n_embd, --expert_hidden)"
     what = "the weights, gradients and AdamW state alone need" if weights_only else "a step needs about"
-    return (f"{what} {est['total'] / GiB:.1f} GiB, more than {HEADROOM:.0%} of the device's "
-            f"{memory / GiB:.1f} GiB: try {fix}")
+    return f"{what} {size(est['total'])}, more than {HEADROOM:.0%} of the device's {size(memory)}: try {fix}"
