@@ -5,14 +5,20 @@ for sample.py.
 """
 
 import base64
+import ctypes
+import errno
+import itertools
 import json
 import os
 import shlex
+import shutil
+import time
 import zlib
 
 import numpy as np
 import tiktoken
 
+import cli
 from cli import UserError, show
 
 
@@ -36,11 +42,19 @@ DATASET_DEFAULTS = dict(
 EOT = '<|endoftext|>'
 DATA_FORMAT = 2             # meta.json's format; prepare.py writes it, read_meta accepts only it
 RANKS_FILE = 'tokenizer.tiktoken'
+DATASET_FILES = ('train.bin', 'val.bin', RANKS_FILE, 'meta.json')   # a dataset: replaced together, never in part
+META_MAX_BYTES = 2**26      # ours are kilobytes (megabytes for --input folders of many files)
+RANKS_MAX_BYTES = 2**30     # 2**24 tokens take under 400 MB
+BATCH_CHARS = 8 * 2**20     # text tokenized at a time: memory stays bounded for any input size
+THREADS = min(8, os.cpu_count() or 1)
+ANNOUNCE_MB = 16            # a split this large is announced before it is tokenized (it takes a while)
 PRETRAINED = ('gpt2', 'r50k_base', 'cl100k_base', 'o200k_base')
 
 
 def data_dir_of(cfg):
-    return cfg.get('data_dir') or os.path.join('data', cfg.get('dataset') or DATASET_DEFAULTS['dataset'])
+    # ~ expanded: the shell leaves --data_dir=~/x as it is, which would make a folder named '~'
+    path = cfg.get('data_dir') or os.path.join('data', cfg.get('dataset') or DATASET_DEFAULTS['dataset'])
+    return os.path.expanduser(path)
 
 
 def prepare_command(data_dir, args=None):
@@ -66,12 +80,16 @@ def read_meta(data_dir, command=None):
     (with command, the prepare command, where the caller knows it)."""
     redo = f"run `{command or prepare_command(data_dir)}`"
     path = os.path.join(data_dir, 'meta.json')
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"no dataset in {data_dir}: {redo} first")
+    check_ours(path, f"move it away, then {redo}")   # a folder, or a pipe that would hang the reader
+    if os.path.getsize(path) > META_MAX_BYTES:
+        raise UserError(f"{path} is {os.path.getsize(path):,} bytes, not a meta.json of prepare.py: {redo} "
+                        f"with --force")
     try:
         with open(path, encoding='utf-8') as f:
             meta = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:   # RecursionError: JSON nested thousands deep
         raise UserError(f"{path} is unreadable ({type(e).__name__}): {redo} with --force") from None
     if not isinstance(meta, dict) or meta.get('format') != DATA_FORMAT:
         raise UserError(f"{path} is from another version of prepare.py: {redo} with --force")
@@ -85,11 +103,14 @@ def read_meta(data_dir, command=None):
         if not isinstance(meta[outer].get(field), kind):
             raise UserError(f"{path}: '{key}' should be {kind.__name__}, got {show(meta[outer].get(field))}: {redo} "
                             f"with --force")
+    if not isinstance(meta.get('command', ''), str):   # the prepare command that wrote it; older data has none
+        raise UserError(f"{path}: 'command' should be str, got {show(meta['command'])}: {redo} with --force")
     if meta['dtype'] not in ('uint16', 'uint32'):
         raise UserError(f"{path} has an unknown dtype {meta['dtype']!r}: {redo} with --force")
     itemsize = np.dtype(meta['dtype']).itemsize
     for split in ('train', 'val'):
         bin_path = os.path.join(data_dir, f'{split}.bin')
+        check_ours(bin_path, f"move it away, then {redo}")
         want = meta[f'{split}_tokens'] * itemsize
         have = os.path.getsize(bin_path) if os.path.isfile(bin_path) else None
         if have != want:
@@ -106,6 +127,10 @@ def tokenizer_spec(data_dir, meta, command=None):
         return dict(kind='tiktoken', name=tok['name'], n_vocab=meta['n_vocab'])
     path = os.path.join(data_dir, RANKS_FILE)
     redo = f"run `{command or prepare_command(data_dir)}` with --force"
+    if os.path.lexists(path):
+        check_ours(path, f"move it away, then {redo}")
+        if os.path.getsize(path) > RANKS_MAX_BYTES:   # not read into memory
+            raise UserError(f"{path} is {os.path.getsize(path):,} bytes, not a tokenizer of prepare.py: {redo}")
     try:
         with open(path, encoding='ascii') as f:
             ranks = f.read()
@@ -113,6 +138,11 @@ def tokenizer_spec(data_dir, meta, command=None):
         raise UserError(f"{path} is missing or damaged: {redo}") from None
     if zlib.crc32(ranks.encode()) != tok.get('ranks_crc32'):
         raise UserError(f"{path} does not match meta.json (edited or damaged): {redo}")
+    try:   # tiktoken compiles the pattern only when the encoding is made: checked here, where the fix is known
+        tiktoken.Encoding('check', pat_str=tok['pattern'], mergeable_ranks={b'a': 0}, special_tokens={})
+    except ValueError as e:
+        raise UserError(f"{data_dir}/meta.json: the tokenizer's pattern is not a valid regex "
+                        f"({str(e).splitlines()[0]}): {redo}") from None
     return dict(kind='bpe', name=tok['name'], pattern=tok['pattern'], ranks=ranks, n_vocab=meta['n_vocab'])
 
 
@@ -122,9 +152,13 @@ def load_tokenizer(spec):
         raise UserError("not a tokenizer description: expected the dict of dataset.tokenizer_spec()")
     if spec['kind'] == 'tiktoken':
         return pretrained_encoding(spec['name'])
-    ranks = parse_ranks(spec['ranks'])
-    return tiktoken.Encoding(spec['name'], pat_str=spec['pattern'], mergeable_ranks=ranks,
-                             special_tokens={EOT: len(ranks)})
+    try:   # a spec from a checkpoint is fingerprinted, so this fails only for a hand-made or foreign one
+        ranks = parse_ranks(spec['ranks'])
+        return tiktoken.Encoding(spec['name'], pat_str=spec['pattern'], mergeable_ranks=ranks,
+                                 special_tokens={EOT: len(ranks)})
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"the tokenizer '{spec.get('name')}' is damaged ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}): prepare its data again with --force") from None
 
 
 def text_bytes(enc, n):
@@ -166,3 +200,212 @@ def parse_ranks(text):
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
     return ranks
+
+
+def fix_for(error):
+    """What to do about an OSError from writing a file."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some disk space"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "choose a folder you can write to"
+    return "use a shorter path" if error.errno == errno.ENAMETOOLONG else "check the path"
+
+
+def kind_of(path):
+    """What path is, where it is there but not a regular file: a folder, a pipe or device, a broken link."""
+    if os.path.isfile(path) or not os.path.lexists(path):
+        return None
+    return 'a folder' if os.path.isdir(path) else 'a pipe or device' if os.path.exists(path) else 'a broken link'
+
+
+def check_ours(path, fix):
+    """A file that prepare.py writes and the scripts read must be a regular file: a folder cannot be read
+    or replaced, and a pipe would hang its reader."""
+    kind = kind_of(path)
+    if kind:
+        raise UserError(f"{path} is {kind}, not a file: {fix}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a dataset (for prepare.py). The new one is written in full into a folder of its own, then put in
+# data_dir's place in one step: at every moment data_dir holds the whole old dataset or the whole new one,
+# so a crash, Ctrl-C or a full disk midway leaves the old one as it was.
+
+def write(data_dir, meta, splits, enc, ranks=None):
+    """The dataset into data_dir (after recover(data_dir)): splits {'train' and 'val': (a function returning
+    (new_doc, text) pieces, about their size in MB or None)} tokenized by enc into train.bin and val.bin, the
+    BPE's ranks text, and meta.json: meta with the vocabulary and the counts added, which it returns."""
+    replace = os.path.lexists(os.path.join(data_dir, 'meta.json'))
+    new = staging_folder(data_dir, replace)
+    kept = f"the dataset in {data_dir} is unchanged" if replace else "no dataset was written"
+    dtype = 'uint16' if enc.n_vocab <= 2**16 else 'uint32'
+    meta = dict(meta, n_vocab=enc.n_vocab, dtype=dtype, eot_id=enc.encode_single_token(EOT))
+    writing = new
+    try:
+        os.makedirs(new)
+        for split, (pieces, size_mb) in splits.items():
+            writing = os.path.join(new, f'{split}.bin')
+            counts = write_tokens(enc, pieces(), writing, dtype, split, size_mb)
+            if not counts['tokens']:
+                raise UserError(f"the {split} split is empty: give more text (or more documents)")
+            meta.update({f'{split}_{k}': v for k, v in counts.items()})
+        for name, data in ((RANKS_FILE, ranks), ('meta.json', json.dumps(meta, indent=2) + '\n')):
+            writing = os.path.join(new, name)
+            if data is not None:
+                with open(writing, 'wb') as f:
+                    f.write(data.encode('utf-8'))
+                    f.flush()
+                    os.fsync(f.fileno())
+        writing = data_dir
+        install(new, data_dir)
+    except OSError as e:   # a full disk, a quota, permissions: f.write and fsync name no file
+        raise UserError(f"cannot write {e.filename or writing} ({e.strerror or e}): {fix_for(e)} and run again "
+                        f"({kept})") from None
+    finally:
+        settle(new, data_dir)   # after install: the old dataset
+    return meta
+
+
+def write_tokens(enc, pieces, path, dtype, label, size_mb=None):
+    """Tokenize pieces into a flat file of ids, BATCH_CHARS at a time; returns the docs, tokens and bytes."""
+    eot = np.array([enc.encode_single_token(EOT)], dtype=dtype)
+    docs = tokens = nbytes = size = 0
+    batch = []
+    if size_mb is not None and size_mb >= ANNOUNCE_MB:   # minutes of work: said at once, then its progress
+        print(f"encoding the {label} split ({size_mb:,} MB) ...", flush=True)
+    progress = cli.Progress(f'  {label}', total=size_mb, unit='MB')
+    with open(path, 'wb') as f:
+        for piece in itertools.chain(pieces, [None]):   # None: the end, so the last batch is written
+            if piece:
+                batch.append(piece)
+                size += len(piece[1])
+            if batch and (size >= BATCH_CHARS or not piece):
+                arrays, encoded = [], enc.encode_ordinary_batch([text for _, text in batch], num_threads=THREADS)
+                for (new_doc, text), ids in zip(batch, encoded):
+                    arrays += [eot, np.array(ids, dtype=dtype)] if new_doc else [np.array(ids, dtype=dtype)]
+                    docs, nbytes = docs + new_doc, nbytes + len(text.encode('utf-8'))
+                out = np.concatenate(arrays)
+                f.write(out.tobytes())
+                tokens, batch, size = tokens + out.size, [], 0
+                progress.update(int(nbytes / 1e6))
+        f.flush()
+        os.fsync(f.fileno())
+    progress.close()
+    return dict(docs=docs, tokens=tokens, bytes=nbytes)
+
+
+def staging_folder(data_dir, replace):
+    """Where prepare.py builds a dataset: beside data_dir (hidden, under a name no --dataset can have), where it
+    replaces one and the two folders can be swapped; otherwise inside data_dir, to be renamed in file by file.
+    With replace=None: both places, for what a killed run left there."""
+    real = os.path.realpath(data_dir)
+    parent, dev = os.path.dirname(real), os.stat(real).st_dev
+    beside = os.path.join(parent, f'.{os.path.basename(real)}.prepare-new')
+    inside = os.path.join(real, '.prepare-new')
+    if replace is None:
+        return beside, beside + '.old', inside
+    # what else data_dir holds is hard-linked along: not across disks, and a mount point stays where it is;
+    # and a working folder in data_dir would be left in the old one, which looks empty
+    here = os.path.realpath(os.getcwd()) + os.sep
+    if (replace and not os.path.ismount(real) and os.stat(parent).st_dev == dev and os.access(parent, os.W_OK)
+            and all(os.lstat(os.path.join(real, name)).st_dev == dev for name in os.listdir(real))
+            and not here.startswith(real + os.sep)):
+        return beside
+    return inside
+
+
+def install(new, data_dir):
+    """Put the complete dataset in folder `new` in data_dir's place. From beside data_dir, what else data_dir
+    holds (raw/ downloads, its lock, your files) is hard-linked into new, and the two folders are swapped in
+    one step: `new` then holds the old dataset, for settle(). From inside data_dir (no dataset to keep, or
+    no swap possible): the files are renamed in, meta.json last."""
+    real = os.path.realpath(data_dir)
+    if os.path.dirname(new) == real:
+        remove_tree(os.path.join(real, 'meta.json'))   # an old dataset stops being one before any file changes
+        for name in DATASET_FILES:   # meta.json last
+            if os.path.exists(os.path.join(new, name)):
+                os.replace(os.path.join(new, name), os.path.join(real, name))
+            else:   # the old dataset's tokenizer, where the new one uses tiktoken's
+                remove_tree(os.path.join(real, name))
+        return
+    moved = []
+    try:
+        for name in sorted(set(os.listdir(real)) - set(DATASET_FILES)):
+            src, dst = os.path.join(real, name), os.path.join(new, name)
+            try:   # hard links copy nothing, and both folders hold everything until the swap
+                if os.path.isdir(src) and not os.path.islink(src):
+                    shutil.copytree(src, dst, symlinks=True, copy_function=os.link)
+                else:
+                    os.link(src, dst, follow_symlinks=False)
+            except OSError:   # a file system without hard links: moved over, an instant before the swap
+                remove_tree(dst)
+                os.rename(src, dst)
+                moved.append(name)
+        swap(new, real)
+    except BaseException:
+        for name in moved:
+            os.rename(os.path.join(new, name), os.path.join(real, name))
+        raise
+    try:   # the swap itself reaches the disk, not only the files
+        fd = os.open(os.path.dirname(real), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def recover(data_dir):
+    """Clear away what a killed prepare.py left beside or in data_dir, losing nothing (settle)."""
+    for left in staging_folder(data_dir, None):
+        settle(left, data_dir)
+
+
+def settle(left, data_dir):
+    """Delete the folder install() leaves beside data_dir (the old dataset), or one a killed prepare.py left,
+    losing nothing: what data_dir lacks of it goes back (a file written into raw/ during the swap, or what a
+    run killed mid-way had moved); only dataset files and the hard links of data_dir's own files go."""
+    def merge(src, dst, skip=()):
+        for name in sorted(set(os.listdir(src)) - set(skip), key=lambda name: (name == 'meta.json', name)):
+            path, there = os.path.join(src, name), os.path.join(dst, name)
+            if not os.path.lexists(there):
+                os.rename(path, there)
+            elif os.path.isdir(path) and not os.path.islink(path) and os.path.isdir(there):
+                merge(path, there)
+            elif not os.path.samestat(os.lstat(path), os.lstat(there)):   # both changed meanwhile: both kept
+                os.rename(path, f'{there}.{int(time.time())}.restored')
+    if os.path.isdir(left) and not os.path.islink(left) and os.path.dirname(left) != os.path.realpath(data_dir):
+        # its dataset too, where data_dir has none: a run killed amid a swap by renames (no renameat2)
+        held = DATASET_FILES if os.path.lexists(os.path.join(data_dir, 'meta.json')) else ()
+        merge(left, data_dir, skip=('.lock', *held))
+    remove_tree(left)
+
+
+def swap(a, b):
+    """Exchange two folders in one step: Linux renameat2(RENAME_EXCHANGE), macOS renamex_np(RENAME_SWAP).
+    Elsewhere, or on a file system without it, three renames: for an instant, b is not there."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (OSError, TypeError):   # Windows
+        libc = None
+    if hasattr(libc, 'renameat2'):
+        failed = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2)   # AT_FDCWD, RENAME_EXCHANGE
+    elif hasattr(libc, 'renamex_np'):
+        failed = libc.renamex_np(os.fsencode(a), os.fsencode(b), 2)
+    else:
+        failed, libc = True, None
+    if not failed:
+        return
+    err = ctypes.get_errno() if libc else errno.ENOSYS
+    if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        raise OSError(err, os.strerror(err), b)
+    os.rename(b, a + '.old')
+    os.rename(a, b)
+    os.rename(a + '.old', a)
+
+
+def remove_tree(path):
+    """Delete path, whatever it is (a folder with all it holds, a file, a link, a pipe), if it is there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)

@@ -9,15 +9,14 @@ Prepare a dataset for train.py: text -> tokenizer -> train.bin, val.bin, meta.js
     python prepare.py --dataset=notes --input=notes/,extra.md
 
 Every document starts with <|endoftext|>. Splits are whole documents (plays, files, stories), or one file
-cut at 90%: no validation text reaches the tokenizer or train.bin. Files are renamed into place when complete,
-and a dataset of other text is replaced only with --force (more in docs/reliability.md).
+cut at 90%: no validation text reaches the tokenizer or train.bin. A dataset is written in full beside the old
+one and swapped in whole, and a dataset of other text is replaced only with --force (docs/reliability.md).
 """
 
 import codecs
 import hashlib
 import importlib.metadata
 import itertools
-import json
 import os
 import pathlib
 import re
@@ -28,7 +27,6 @@ import time
 import zlib
 from urllib.parse import urlparse
 
-import numpy as np
 import requests
 import urllib3
 
@@ -38,7 +36,9 @@ import dataset
 from cli import UserError
 from dataset import EOT
 
-DEFAULTS = dict(dataset.DATASET_DEFAULTS, force=False)   # force: prepare (and download) again
+DEFAULTS = dict(dataset.DATASET_DEFAULTS,
+                force=False,            # prepare (and download) again
+                max_download_gb=10.0)   # a download stops past this (TinyStories: 2.2 GB): no end fills no disk
 DEPENDS_ON = tuple(k for k in dataset.DATASET_DEFAULTS if k != 'data_dir')   # same values + same text = no-op
 
 # online datasets: [(file name in raw/, url, sha256 or None where unknown)]; two files are (train, val)
@@ -55,9 +55,7 @@ BUILTIN = ('shakespeare', *DOWNLOADS)
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 TOKENIZER_SAMPLE_CHARS = 100 * 2**20   # the BPE learns from at most this much train text: more costs time, not quality
 VAL_FRACTION = 0.1                     # of a single file's bytes
-PIECE_CHARS = 2**20                    # long documents are tokenized in pieces of about this size, and
-BATCH_CHARS = 8 * 2**20                # this much text at a time: memory stays bounded for any input size
-THREADS, PROGRESS_SECONDS = min(8, os.cpu_count() or 1), 10
+PIECE_CHARS = 2**20                    # long documents are tokenized in pieces of about this size
 
 CONNECT_TIMEOUT, READ_TIMEOUT = 10, 15   # a server that never answers costs (1 + READ_RETRIES) * READ_TIMEOUT s
 CONNECT_RETRIES, READ_RETRIES, STATUS_RETRIES = 2, 2, 4   # the last for 429 and 5xx answers
@@ -73,10 +71,15 @@ def main(argv):
     check_config(cfg)
     data_dir = dataset.data_dir_of(cfg)
     with checkpoint.lock_folder(data_dir, 'prepare run'):
+        dataset.recover(data_dir)   # what a killed run left, before anything is read
+        for name in dataset.DATASET_FILES:   # a folder there is not ours to replace, and a pipe would hang us
+            dataset.check_ours(os.path.join(data_dir, name), "move it away, then run prepare.py again")
+        old = intact = None
         try:
             old = dataset.read_meta(data_dir)
+            intact = dataset.tokenizer_spec(data_dir, old)   # a no-op needs the tokenizer intact too
         except UserError:   # no dataset, or an unfinished one: nothing to protect
-            old = None
+            pass
         if old and not cfg['force'] and any(old['config'].get(k) != cfg[k] for k in ('dataset', 'url', 'input')):
             # another text: a config's data_dir is easily inherited by mistake, and a finished dataset stays
             own = os.path.join('data', cfg['dataset'])
@@ -85,10 +88,15 @@ def main(argv):
                             f"({old['source']['description']}): {instead}, or --force to replace it")
         source = get_source(cfg, data_dir)
         if (old and not cfg['force'] and old['config'] == {k: cfg[k] for k in DEPENDS_ON}
-                and old['source']['sha256'] == source['sha256']):
+                and old['source']['sha256'] == source['sha256'] and intact):
             print(f"already prepared {data_dir} from the same inputs (--force prepares it again)")
             return old
-        meta = write_dataset(cfg, data_dir, source, *make_tokenizer(cfg, source))
+        enc, tokenizer, ranks = make_tokenizer(cfg, source)
+        meta = dict(format=dataset.DATA_FORMAT, dataset=cfg['dataset'], command=dataset.prepare_command(data_dir, argv),
+                    source={k: source[k] for k in ('description', 'sha256', 'files', 'val_names')},
+                    tokenizer=tokenizer, config={k: cfg[k] for k in DEPENDS_ON})
+        splits = {split: (source[split], source[f'{split}_mb']) for split in ('train', 'val')}
+        meta = dataset.write(data_dir, meta, splits, enc, ranks)
     print(f"prepared {data_dir} in {time.time() - t0:.1f}s: {meta['source']['description']}; tokenizer "
           f"{meta['tokenizer']['name']} with {meta['n_vocab']:,} tokens ({meta['dtype']})")
     for split in ('train', 'val'):
@@ -108,8 +116,15 @@ def check_config(cfg):
     if not given and name not in BUILTIN:
         raise UserError(f"unknown dataset '{name}': use {', '.join(BUILTIN)}, or --url=URL / --input=PATH "
                         f"with a name of your own")
+    try:   # what requests would trip over ('http://[::1', a port past 65535), before anything is written
+        if cfg['url'] and urlparse(cfg['url']).port != -1:
+            requests.Request('GET', cfg['url']).prepare()
+    except (ValueError, requests.exceptions.RequestException) as e:
+        raise UserError(f"url {cli.show(cfg['url'])} does not parse ({e}): check it") from None
     cli.check_ranges(cfg, {
-        'url': (lambda v: not v or urlparse(v).scheme in ('http', 'https'), "an http(s) URL (local files: --input)"),
+        'url': (lambda v: not v or urlparse(v).scheme in ('http', 'https') and urlparse(v).hostname,
+                "an http(s) URL (local files: --input)"),
+        'max_download_gb': (lambda v: v > 0, "more than 0"),
         'tokenizer': (lambda v: v in ('bpe', *dataset.PRETRAINED), f"bpe or one of {', '.join(dataset.PRETRAINED)}"),
         'sha256': (lambda v: re.fullmatch(r'[0-9a-fA-F]{64}|', v), "64 hex digits (or empty)"),
         'vocab_size': (lambda v: cfg['tokenizer'] != 'bpe' or 257 <= v <= 2**24,
@@ -135,26 +150,29 @@ def get_source(cfg, data_dir):
     else:
         downloads = DOWNLOADS.get(cfg['dataset'])
         if cfg['url']:   # the file name carries a hash of the url: another url's book.txt is another file
-            name = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(urlparse(cfg['url']).path) or 'download.txt')
+            name = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(urlparse(cfg['url']).path)[-100:] or 'download.txt')
             downloads = [(hashlib.sha256(cfg['url'].encode()).hexdigest()[:8] + '-' + name, cfg['url'], cfg['sha256'])]
-        files = [(name, path, fetch(url, path, (sha or '').lower(), cfg['force'])) for name, path, url, sha in
-                 ((name, os.path.join(data_dir, 'raw', name), url, sha) for name, url, sha in downloads)]
+        files = [(name, path, fetch(url, path, (sha or '').lower(), cfg['force'], cfg['max_download_gb']))
+                 for name, path, url, sha in ((name, os.path.join(data_dir, 'raw', name), url, sha)
+                                              for name, url, sha in downloads)]
         description = ', '.join(url for _, url, _ in downloads)
     source = dict(description=description, val_names=[],
                   sha256=hashlib.sha256(''.join(f'{sha} {name}\n' for name, _, sha in files).encode()).hexdigest(),
                   files=[dict(name=name, bytes=os.path.getsize(path), sha256=sha) for name, path, sha in files])
-    paths = [path for _, path, _ in files]
+    paths, size = [path for _, path, _ in files], os.path.getsize
     if len(paths) == 1:   # cut at the next line start (without one near, at the next character start)
         with open(paths[0], 'rb') as f:
-            f.seek(int(os.path.getsize(paths[0]) * (1 - VAL_FRACTION)))
+            f.seek(int(size(paths[0]) * (1 - VAL_FRACTION)))
             start, window = f.tell(), f.read(PIECE_CHARS)
         cut = start + (window.index(b'\n') + 1 if b'\n' in window else
                        next((i for i, b in enumerate(window) if b & 0xC0 != 0x80), len(window)))
         source['train'] = lambda: file_pieces(paths[0], 0, cut, max_docs)
         source['val'] = lambda: file_pieces(paths[0], cut, None, max_docs)
+        sizes = cut, size(paths[0]) - cut
     elif cfg['dataset'] in DOWNLOADS:   # the dataset's own (train, val) files
         source['train'] = lambda: file_pieces(paths[0], max_docs=max_docs)
         source['val'] = lambda: file_pieces(paths[1], max_docs=max_docs)
+        sizes = size(paths[0]), size(paths[1])
     else:   # one document per file (play): val_docs of them, spread evenly over the list, are held out
         files, k = files[:max_docs or None], cfg['val_docs']
         if k >= len(files):
@@ -164,6 +182,9 @@ def get_source(cfg, data_dir):
         source['val_names'] = [name for i, (name, _, _) in enumerate(files) if i in held]
         source['train'] = lambda: (piece for i, (_, p, _) in enumerate(files) if i not in held for piece in read(p))
         source['val'] = lambda: (piece for i, (_, p, _) in enumerate(files) if i in held for piece in read(p))
+        sizes = [sum(size(p) for i, (_, p, _) in enumerate(files) if (i in held) == v) for v in (False, True)]
+    # about the text's size, for the progress of encoding it (with max_docs: unknown)
+    source['train_mb'], source['val_mb'] = (None, None) if max_docs else (int(n / 1e6) for n in sizes)
     return source
 
 
@@ -194,9 +215,11 @@ def input_files(spec):
     """--input: comma-separated files and folders (a folder: its .txt and .md files, recursively, sorted)."""
     paths = []
     for item in filter(None, (s.strip() for s in spec.split(','))):
-        if not os.path.isdir(item) and not os.path.isfile(item):   # missing, or a pipe or device that never ends
-            what = "is not a regular file or folder" if os.path.exists(item) else "not found"
-            raise UserError(f"--input: {item} {what}")
+        if dataset.kind_of(item) == 'a broken link':   # not 'not found': the link is there
+            raise UserError(f"--input file {item} is a broken link (to a missing file, or links in a loop): "
+                            f"fix the link")
+        if not os.path.isdir(item):   # missing, or a pipe or device that never ends
+            cli.check_file(item, '--input file')
         paths += [item] if not os.path.isdir(item) else sorted(
             os.path.join(root, f) for root, _, names in os.walk(item) for f in names
             if f.endswith(('.txt', '.md')) and os.path.isfile(os.path.join(root, f)))
@@ -246,6 +269,7 @@ def file_pieces(path, start=0, end=None, max_docs=0):
 def checked_sha256(path):
     """The file's sha256, after checking that all of it is UTF-8 text without NUL bytes."""
     sha, decoder, offset = hashlib.sha256(), codecs.getincrementaldecoder('utf-8')(), 0
+    progress = cli.Progress(f'  checking {path}', total=int(os.path.getsize(path) / 1e6), unit='MB')
     with open(path, 'rb') as f:
         for block in itertools.chain(iter(lambda: f.read(2**24), b''), [b'']):   # b'': the end
             try:
@@ -258,6 +282,8 @@ def checked_sha256(path):
                 raise UserError(f"{path} is not text ({problem}): prepare.py needs UTF-8 text")
             sha.update(block)
             offset += len(block)
+            progress.update(int(offset / 1e6))
+    progress.close()
     return sha.hexdigest()
 
 
@@ -289,82 +315,39 @@ def train_bpe(pieces, vocab_size):
         seen += len(text)
     if not seen:
         raise UserError("the train split is empty: nothing to train the tokenizer on (give more text)")
-    tok = rustbpe.Tokenizer()
-    tok.train_from_iterator(iter(texts), vocab_size - 1, pattern=GPT4_PATTERN)
+    # rustbpe reports nothing while it works (minutes for 100 MB): say what it does, and that it still does
+    print(f"training a {vocab_size:,}-token BPE on {seen / 1e6:,.1f}M characters of text ...", flush=True)
+    heartbeat = cli.Heartbeat()
+    heartbeat.beat('training the BPE')
+    try:
+        tok = rustbpe.Tokenizer()
+        tok.train_from_iterator(iter(texts), vocab_size - 1, pattern=GPT4_PATTERN)
+    finally:
+        heartbeat.close()
     ranks = dict(tok.get_mergeable_ranks())
     assert sorted(ranks.values()) == list(range(len(ranks))), "EOT's id, len(ranks), must come after every rank"
-    print(f"trained a BPE on {seen / 1e6:,.1f}M characters in {time.time() - t0:.1f}s: {len(ranks) + 1:,} tokens")
+    print(f"  done in {time.time() - t0:.1f}s: {len(ranks) + 1:,} tokens")
     return ranks
-
-
-# ----------------------------------------------------------------------------------------------
-# Output
-
-def write_dataset(cfg, data_dir, source, enc, tokenizer, ranks):
-    """Every file under a temporary name, renamed into place; meta.json last."""
-    path = {name: os.path.join(data_dir, name) for name in ('train.bin', 'val.bin', dataset.RANKS_FILE, 'meta.json')}
-    # the old dataset stops being valid before anything changes
-    checkpoint.remove(path['meta.json'], path[dataset.RANKS_FILE])
-    dtype = 'uint16' if enc.n_vocab <= 2**16 else 'uint32'
-    tmp = {split: path[f'{split}.bin'] + '.tmp' for split in ('train', 'val')}
-    try:
-        stats = {split: write_tokens(enc, source[split](), tmp[split], dtype, split) for split in tmp}
-        for split in (split for split in tmp if not stats[split]['tokens']):
-            raise UserError(f"the {split} split is empty: give more text (or more documents)")
-        for split in tmp:
-            os.replace(tmp[split], path[f'{split}.bin'])
-    finally:
-        checkpoint.remove(*tmp.values())
-    if ranks is not None:
-        checkpoint.write_atomic(path[dataset.RANKS_FILE], ranks.encode('ascii'))
-    meta = dict(format=dataset.DATA_FORMAT, dataset=cfg['dataset'],
-                source={k: source[k] for k in ('description', 'sha256', 'files', 'val_names')},
-                tokenizer=tokenizer, n_vocab=enc.n_vocab, dtype=dtype, eot_id=enc.encode_single_token(EOT),
-                **{f'{split}_{k}': stats[split][k] for split in ('train', 'val') for k in ('tokens', 'docs', 'bytes')},
-                config={k: cfg[k] for k in DEPENDS_ON})
-    checkpoint.write_atomic(path['meta.json'], (json.dumps(meta, indent=2) + '\n').encode('utf-8'))
-    return meta
-
-
-def write_tokens(enc, pieces, path, dtype, label):
-    """Tokenize pieces into a flat file of ids, BATCH_CHARS at a time; returns the docs, tokens and bytes."""
-    eot = np.array([enc.encode_single_token(EOT)], dtype=dtype)
-    docs = tokens = nbytes = size = 0
-    shown, batch = time.time(), []
-    with open(path, 'wb') as f:
-        for piece in itertools.chain(pieces, [None]):   # None: the end, so the last batch is written
-            if piece:
-                batch.append(piece)
-                size += len(piece[1])
-            if batch and (size >= BATCH_CHARS or not piece):
-                arrays, encoded = [], enc.encode_ordinary_batch([text for _, text in batch], num_threads=THREADS)
-                for (new_doc, text), ids in zip(batch, encoded):
-                    arrays += [eot, np.array(ids, dtype=dtype)] if new_doc else [np.array(ids, dtype=dtype)]
-                    docs, nbytes = docs + new_doc, nbytes + len(text.encode('utf-8'))
-                out = np.concatenate(arrays)
-                f.write(out.tobytes())
-                tokens, batch, size = tokens + out.size, [], 0
-            if time.time() - shown > PROGRESS_SECONDS:
-                shown = time.time()
-                print(f"  {label}: {nbytes / 1e6:,.0f} MB, {tokens:,} tokens", flush=True)
-        f.flush()
-        os.fsync(f.fileno())
-    return dict(docs=docs, tokens=tokens, bytes=nbytes)
 
 
 # ----------------------------------------------------------------------------------------------
 # Downloads
 
-def fetch(url, path, sha256='', force=False):
+def fetch(url, path, sha256='', force=False, max_gb=DEFAULTS['max_download_gb']):
     """The sha256 of url's text, downloaded to path via path + '.part' (a run after a cut resumes it with HTTP
     Range) unless a checked copy is there. A failed download is deleted; a kept copy stays until one passes."""
     part = path + '.part'   # what a cut download got: the next run, --force or not, asks for the rest
+    raw = os.path.dirname(path)
+    if os.path.lexists(raw) and not os.path.isdir(raw):
+        raise UserError(f"{raw} is not a folder: move it away (prepare.py keeps its downloads in it)")
+    for p in (path, part):   # a folder there is not ours, and a pipe would hang the reader
+        dataset.check_ours(p, "move it away, then run prepare.py again")
     if os.path.exists(path) and not force:   # otherwise a new download replaces it once it passes its checks
         sha = checked_sha256(path)
         if not sha256 or sha == sha256:
             return sha
         print(f"{path} does not match sha256 {sha256}: downloading it again")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(raw, exist_ok=True)
     print(f"downloading {url} to {path}")
     # urllib3 retries connection errors, 429 and 5xx; a stream cut mid-way is resumed by the next run
     retry = urllib3.Retry(total=None, connect=CONNECT_RETRIES, read=READ_RETRIES, status=STATUS_RETRIES, other=0,
@@ -374,7 +357,7 @@ def fetch(url, path, sha256='', force=False):
         for scheme in ('http://', 'https://'):
             session.mount(scheme, requests.adapters.HTTPAdapter(max_retries=retry))
         try:
-            kind = download_once(session, url, part, os.path.getsize(part) if os.path.exists(part) else 0)
+            kind = download_once(session, url, part, os.path.getsize(part) if os.path.exists(part) else 0, max_gb)
         except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
             raise UserError(f"download of {url} broke off: run again to resume it (or delete {part})") from None
         finally:
@@ -394,7 +377,7 @@ def fetch(url, path, sha256='', force=False):
     return sha
 
 
-def download_once(session, url, part, have):
+def download_once(session, url, part, have, max_gb):
     """One request, appended to part; returns its Content-Type. A cut raises requests' error, all else UserError."""
     host = urlparse(url).netloc
     slow = f"{host} is too slow (under {CHUNK_BYTES // 1024} KB in {STALL_SECONDS} s): try again later"
@@ -404,37 +387,78 @@ def download_once(session, url, part, have):
         watchdog(STALL_SECONDS, slow)
         r = session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
     except requests.exceptions.ConnectionError as e:
-        if isinstance(getattr(e.args[0], 'reason', None), urllib3.exceptions.ReadTimeoutError):   # urllib3 gave up
-            raise UserError(f"{host} accepted the connection but did not answer within {READ_TIMEOUT}s "
-                            f"({1 + READ_RETRIES} tries): try again later") from None
-        raise UserError(f"cannot reach {host} (offline?): `python prepare.py` uses the bundled Shakespeare "
-                        f"and needs no network") from None
-    except requests.exceptions.RequestException as e:
-        raise UserError(f"download of {url} failed: {type(e).__name__}") from None
+        raise UserError(no_answer(e, host)) from None
+    except requests.exceptions.RequestException as e:   # redirects in a loop or to ftp://, malformed headers
+        raise UserError(f"download of {url} failed ({type(e).__name__}: {cli.show(str(e), 150)[1:-1]}): "
+                        f"check the URL") from None
     with r:
         if have and (r.status_code == 416 or r.status_code == 206
                      and not r.headers.get('Content-Range', '').startswith(f'bytes {have}-')):
             os.remove(part)   # what we have does not fit the server's file: start over
-            return download_once(session, url, part, 0)
+            return download_once(session, url, part, 0, max_gb)
         if r.status_code not in (200, 206):
             busy = r.status_code == 429 or r.status_code >= 500
             fix = f"still failing after {STATUS_RETRIES} retries: try again later" if busy else "check the URL"
             raise UserError(f"{url}: HTTP {r.status_code} {r.reason} ({fix})")
         if r.status_code == 200:
             have = 0   # the whole file (also from a server that ignores Range)
-        total = have + int(r.headers['Content-Length']) if 'Content-Length' in r.headers else None
-        shown = time.time()
-        with open(part, 'ab' if have else 'wb') as f:
-            watchdog(STALL_SECONDS, slow)   # the first chunk gets as long as every later one
-            for chunk in r.iter_content(CHUNK_BYTES):
-                watchdog(STALL_SECONDS, slow)
-                f.write(chunk)
-                if time.time() - shown > PROGRESS_SECONDS:
-                    shown = time.time()
-                    print(f"  {f.tell() / 1e6:,.0f} of {f'{total / 1e6:,.0f}' if total else '?'} MB", flush=True)
-            if total is not None and f.tell() < total:   # the server hung up early: the next run resumes
-                raise requests.exceptions.ChunkedEncodingError(f"got {f.tell():,} of {total:,} bytes")
+        length = r.headers.get('Content-Length', '').strip()
+        total = have + int(length) if length.isdigit() else None   # a length that does not parse: as if none
+        limit = max_gb * 1e9
+        if total is not None and total > limit:
+            raise UserError(f"{url} is {total:,} bytes, more than max_download_gb={max_gb:g}: "
+                            f"raise --max_download_gb to download it")
+        progress = cli.Progress('  downloaded', total=total and int(total / 1e6), unit='MB')
+        try:
+            with open(part, 'ab' if have else 'wb') as f:
+                watchdog(STALL_SECONDS, slow)   # the first chunk gets as long as every later one
+                for chunk in r.iter_content(CHUNK_BYTES):
+                    watchdog(STALL_SECONDS, slow)
+                    f.write(chunk)
+                    progress.update(int(f.tell() / 1e6))
+                    if f.tell() > limit:   # a server that never ends would fill the disk
+                        raise UserError(f"{url} sent more than max_download_gb={max_gb:g} ({part} holds "
+                                        f"{f.tell():,} bytes): if the file is that large, raise --max_download_gb "
+                                        f"and run again to resume; otherwise delete {part}")
+                if total is not None and f.tell() < total:   # the server hung up early: the next run resumes
+                    raise requests.exceptions.ChunkedEncodingError(f"got {f.tell():,} of {total:,} bytes")
+        except requests.exceptions.RequestException:   # these are OSErrors too: a cut, for the caller
+            raise
+        except OSError as e:   # say, the disk is full: what arrived is kept, and the next run asks for the rest
+            raise UserError(f"cannot write {part} ({e.strerror or e}): {dataset.fix_for(e)}, then run again to "
+                            f"resume the download") from None
+        finally:
+            progress.close()
         return r.headers.get('Content-Type', '')
+
+
+def no_answer(e, host):
+    """What went wrong, in one line, when a request got no HTTP answer. 'Offline' only where no connection
+    could be made: a refusal, or a connection cut after it was made, comes from a server that is there."""
+    reason = getattr(e.args[0], 'reason', e.args[0]) if e.args else e
+    offline = "`python prepare.py` uses the bundled Shakespeare and needs no network"
+    if isinstance(e, requests.exceptions.SSLError):
+        return (f"secure connection to {host} failed ({reason}): check the URL's http/https and the system's "
+                f"certificates")
+    if isinstance(e, requests.exceptions.ProxyError):
+        return f"the proxy for {host} failed ({type(reason).__name__}): check the HTTPS_PROXY/HTTP_PROXY settings"
+    if isinstance(reason, urllib3.exceptions.ReadTimeoutError):   # urllib3 gave up
+        return (f"{host} accepted the connection but did not answer within {READ_TIMEOUT}s ({1 + READ_RETRIES} "
+                f"tries): try again later")
+    if isinstance(reason, urllib3.exceptions.NameResolutionError):
+        return f"cannot look up {host} (offline, or a typo in the URL?): {offline}"
+    if isinstance(reason, urllib3.exceptions.NewConnectionError):   # also a ConnectTimeoutError: checked first
+        cause = reason.__cause__
+        if isinstance(cause, ConnectionRefusedError):
+            return f"{host} refused the connection (no server listens on that port): check the URL, or start the server"
+        return f"cannot reach {host} ({getattr(cause, 'strerror', None) or cause}; offline?): {offline}"
+    if isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
+        return f"cannot reach {host}: no connection within {CONNECT_TIMEOUT}s (offline?): {offline}"
+    if isinstance(reason, urllib3.exceptions.ProtocolError):   # reset, closed, or not HTTP at all
+        inner = reason.args[-1]
+        return (f"{host} accepted the connection, then closed it without a valid HTTP answer ({type(inner).__name__}, "
+                f"{1 + READ_RETRIES} tries): check that the URL's port serves http(s), or try again later")
+    return f"download from {host} failed ({type(reason).__name__}): try again later"
 
 
 def watchdog(seconds, message=''):

@@ -10,6 +10,10 @@ Everything comes from the checkpoint, the tokenizer included, so this runs where
 Each sample is printed as it is generated, under a `--- sample N ---` line; stdout holds only the
 samples (redirect it to a file), while progress and the tokens/s figure go to stderr.
 
+Copy check: when the checkpoint's training data is here (the data folder it was trained on, unchanged), each
+sample's longest span shared with the training text is reported on stderr, its prompt left out: a model
+that recites its training data shows it there. --copy_check=false turns it off.
+
 Prompts: text is encoded as is, except that the literal text <|endoftext|> becomes that token. The
 default start is <|endoftext|> alone, the token every training document begins with, so each sample
 is a new document. A sample is its prompt followed by the completion, <|endoftext|> tokens left
@@ -17,8 +21,10 @@ out; it ends at the first <|endoftext|> the model emits.
 """
 
 import codecs
+import contextlib
 import glob
 import os
+import shlex
 import sys
 import time
 
@@ -26,6 +32,7 @@ import torch
 
 import checkpoint
 import cli
+import copycheck
 import dataset
 from cli import UserError
 from dataset import EOT
@@ -46,8 +53,10 @@ device = 'auto'            # 'auto' = cuda > mps > cpu
 dtype = 'auto'             # 'auto' = bfloat16 on CUDA if supported, float32 elsewhere; or float32/bfloat16/float16
 compile = False            # torch.compile the model (pays off for long generations on a GPU)
 use_cache = True           # False = recompute the whole window for every token (slow; for comparison)
+copy_check = True          # report each sample's longest span shared with the training text (when that data is here)
 # -----------------------------------------------------------------------------
 DEFAULTS = cli.settings_of(globals())
+SAY_LOADING = 100_000_000  # bytes: a checkpoint this big gets a line before its load (ckpt_best.pt of the card: 2.7 GB)
 RULES = {
     'num_samples': (lambda v: v > 0, "> 0"),
     'max_new_tokens': (lambda v: v > 0, "> 0"),
@@ -68,10 +77,13 @@ def main(argv):
 
     # --- model and tokenizer, both from the checkpoint --------------------------------------------
     path = checkpoint_path(cfg)
+    if os.path.getsize(path) >= SAY_LOADING:   # a big file takes a while: say so before (small: one line if refused)
+        print(f"loading {path} ({size_text(os.path.getsize(path))}) ...", file=sys.stderr, flush=True)
+    t_load = time.time()
     ck, mconf = checkpoint.load_checkpoint(path)
     enc = dataset.load_tokenizer(ck['tokenizer'])
     eot = enc.encode_single_token(EOT)
-    with torch.device(dev):   # initialise straight on the device: much faster than on the CPU for big models
+    with torch.device(dev), weights_left_empty():   # built on the device, its weights all loaded next
         model = DeepSeekLM(mconf)
     try:
         model.load_state_dict(ck['model'])
@@ -80,8 +92,10 @@ def main(argv):
     model.eval()
     if cfg['compile']:
         model.compile(dynamic=True)   # compiles forward, which generation calls once per token
-    print(f"loaded {path}: iter {ck['iter_num']}, best val loss {ck['best_val_loss']:.4f} | "
-          f"{model.num_params():,} parameters | {dev}, {str(dt).removeprefix('torch.')}", file=sys.stderr)
+    print(f"loaded {path} in {time.time() - t_load:.1f}s: iter {ck['iter_num']}, best val loss "
+          f"{ck['best_val_loss']:.4f} | {model.num_params():,} parameters | {dev}, {str(dt).removeprefix('torch.')}",
+          file=sys.stderr)
+    trained_on, tokenizer_spec = ck.get('data'), ck['tokenizer']
     del ck
 
     # --- prompts as token ids ----------------------------------------------------------------------
@@ -110,23 +124,77 @@ def main(argv):
     token_text = dataset.text_bytes(enc, mconf.vocab_size)
     torch.manual_seed(cfg['seed'])
     cli.sync(device_type)
-    t0, n_new, texts = time.time(), 0, []
+    t0, n_new, texts, completions = time.time(), 0, [], []
     for i, prompt_ids in enumerate(ids):
         print(f"--- sample {i + 1} ---", flush=True)
         text = Printer(token_text)
-        text.add(prompt_ids)
+        text.add(prompt_ids)   # a prompt is whole characters: all of it is printed here
+        prompt_chars = sum(map(len, text.parts))
         for token in tokens(prompt_ids, cfg['max_new_tokens']):
             n_new += 1   # the <|endoftext|> that ends a sample was generated too
             if token == eot:
                 break
             text.add([token])
         texts.append(text.end())
+        completions.append(texts[-1][prompt_chars:])
     cli.sync(device_type)
     seconds = time.time() - t0
     print(f"{n_new:,} tokens in {seconds:.2f}s: {n_new / max(seconds, 1e-9):,.1f} tokens/s ({len(ids)} sample"
           f"{'s' if len(ids) > 1 else ''} x up to {cfg['max_new_tokens']} new tokens, KV cache "
           f"{'on' if cfg['use_cache'] else 'off'})", file=sys.stderr)
+    if cfg['copy_check']:
+        copy_check(completions, trained_on, tokenizer_spec)
     return texts
+
+
+def copy_check(completions, data, tokenizer_spec):
+    """On stderr, each completion's longest span shared with the training text (ck['data'], decoded with
+    ck['tokenizer']) and the longest of all; or one line saying why not. Returns [(length, span)] or None."""
+    t0 = time.time()
+    try:
+        corpus, n_docs = copycheck.training_text(data, tokenizer_spec)
+    except UserError as e:
+        print(f"copy check skipped: {e}", file=sys.stderr)
+        return None
+    except OSError as e:   # unreadable (permissions, a disk error): the samples are out, so only say so
+        print(f"copy check skipped: cannot read {e.filename or 'the training data'} ({e.strerror or e})",
+              file=sys.stderr)
+        return None
+    except MemoryError:
+        print("copy check skipped: out of memory reading the training text (--copy_check=false turns it off)",
+              file=sys.stderr)
+        return None
+    found = copycheck.longest_shared(completions, corpus)
+    for i, (n, span) in enumerate(found):
+        print(f"copy check, sample {i + 1}: longest span shared with the training text is {characters(n)}: "
+              f"{quoted(span)}", file=sys.stderr)
+    top = max(range(len(found)), key=lambda i: found[i][0])
+    print(f"copy check: longest span shared with the training text over {len(found)} sample"
+          f"{'s' if len(found) > 1 else ''} is {characters(found[top][0])} (sample {top + 1}); training text "
+          f"{os.path.join(data['dir'], 'train.bin')}: {len(corpus) - n_docs:,} characters, checked in "
+          f"{time.time() - t0:.2f}s", file=sys.stderr)
+    return found
+
+
+def characters(n):
+    return f"{n:,} character{'' if n == 1 else 's'}"
+
+
+def quoted(text, limit=80):
+    """text in double quotes, escaped (newlines, quotes, anything unprintable) and cut after limit characters."""
+    def esc(c):
+        if c in '"\\':
+            return '\\' + c
+        return c if c.isprintable() else c.encode('unicode_escape').decode('ascii')
+    return '"' + ''.join(map(esc, text[:limit])) + '"' + ('...' if len(text) > limit else '')
+
+
+def size_text(n):
+    """A file size for people: 2.7 GB, 25.3 MB, 812 kB, 96 bytes."""
+    for unit, scale in (('GB', 1e9), ('MB', 1e6), ('kB', 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n < 100 * scale else f"{n / scale:,.0f} {unit}"
+    return f"{n} bytes"
 
 
 class Printer:
@@ -150,27 +218,54 @@ class Printer:
         return ''.join(self.parts)[:-1]
 
 
+@contextlib.contextmanager
+def weights_left_empty():
+    """While the model is built, its weights are allocated but not drawn at random: load_state_dict (strict)
+    overwrites every one, and the full-size model's 680M random numbers take 10-30 s on a CPU. Buffers that
+    checkpoints do not hold (RoPE tables, counters) are built as usual: they do not come from torch.nn.init."""
+    names = ('normal_', 'uniform_', 'kaiming_uniform_', 'kaiming_normal_', 'trunc_normal_', 'xavier_uniform_',
+             'xavier_normal_')
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, init in saved.items():
+            setattr(torch.nn.init, name, init)
+
+
 def checkpoint_path(cfg):
+    """The checkpoint file to read: a regular file, or a UserError that names what is there instead (a folder,
+    a pipe or a device, which would hang the reader) or how to make it."""
     names = {'last': 'ckpt.pt', 'best': 'ckpt_best.pt'}
-    path = os.path.join(cfg['out_dir'], names[cfg['ckpt']]) if cfg['ckpt'] in names else cfg['ckpt']
-    if not os.path.isfile(path):
+    out_dir = cfg['out_dir']
+    path = os.path.join(out_dir, names[cfg['ckpt']]) if cfg['ckpt'] in names else cfg['ckpt']
+    if cfg['ckpt'] in names and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"out_dir {out_dir} is not a folder: give the folder a training run wrote (--out_dir=FOLDER)")
+    if not os.path.exists(path):
         if cfg['ckpt'] in names:
-            raise UserError(f"no checkpoint at {path}: train first with `{train_command(cfg['out_dir'])}`")
+            raise UserError(f"no checkpoint at {path}: train first with `{train_command(out_dir)}`")
         raise UserError(f"no checkpoint at {path} (--ckpt is 'last', 'best' or a path)")
-    return path
+    if cfg['ckpt'] not in names and os.path.isdir(path) and os.path.isfile(os.path.join(path, 'ckpt.pt')):
+        inside = shlex.quote(os.path.join(path, 'ckpt.pt'))
+        raise UserError(f"checkpoint {path} is a folder, not a file: give --ckpt={inside}, or --out_dir="
+                        f"{shlex.quote(path)} without --ckpt")
+    return cli.check_file(path, 'checkpoint')
 
 
 def train_command(out_dir):
-    """The command that trains into out_dir: the repo's config file that names it, when there is one."""
-    config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
-    for path in sorted(glob.glob(os.path.join(config_dir, '*.py'))):
+    """The command that trains into out_dir when run from here (out_dir is relative to here, as train.py's
+    is): train.py with the repo's config file that names that folder, where there is one, else with --out_dir."""
+    for path in sorted(glob.glob(os.path.join(copycheck.ROOT, 'config', '*.py'))):
         try:
             cfg, _ = cli.parse_config([path], {'out_dir': ''}, skip_file_keys=True)
         except UserError:
             continue   # a config that only runs from the repo root, say
-        if cfg['out_dir'] == out_dir:
-            return f"python train.py config/{os.path.basename(path)}"
-    return f"python train.py --out_dir={out_dir}"
+        if cfg['out_dir'] and os.path.abspath(cfg['out_dir']) == os.path.abspath(out_dir):
+            here = os.path.abspath('.') == copycheck.ROOT
+            return copycheck.repo_command('train.py', [os.path.relpath(path) if here else path])
+    return copycheck.repo_command('train.py', [f'--out_dir={out_dir}'])
 
 
 def read_prompts(start):
@@ -178,8 +273,9 @@ def read_prompts(start):
     if not start.startswith('FILE:'):
         return [start], False
     path = start[len('FILE:'):]
-    if not os.path.isfile(path):
-        raise UserError(f"prompt file {path} not found")
+    if not path:
+        raise UserError("--start=FILE: needs the path of a prompt file: --start=FILE:prompts.txt")
+    cli.check_file(path, 'prompt file')   # a folder, pipe or device is named as such (a pipe would hang the read)
     try:
         with open(path, encoding='utf-8') as f:
             prompts = [line.rstrip('\r\n') for line in f if line.strip()]

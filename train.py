@@ -79,6 +79,7 @@ MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 DEFAULTS = {**MODEL_DEFAULTS, **TRAIN_DEFAULTS}
 
 positive = (lambda v: v > 0, "> 0")
+PREPARE_ONLY = ('force', 'max_download_gb')   # prepare.py's own keys, which a shared config file may set
 RUN_KEYS = {'out_dir', 'init_from', 'overwrite', 'eval_only', 'device', 'compile'}   # this process's, not the recipe's
 RULES = {
     'batch_size': positive, 'gradient_accumulation_steps': positive, 'max_iters': positive,
@@ -169,7 +170,7 @@ def main(argv):
 
 def settings(argv):
     """The checked settings, and where each given one came from (cli.parse_config)."""
-    cfg, given = cli.parse_config(argv, DEFAULTS, skip_file_keys=ds.DATASET_DEFAULTS)
+    cfg, given = cli.parse_config(argv, DEFAULTS, skip_file_keys={*ds.DATASET_DEFAULTS, *PREPARE_ONLY})
     cli.check_ranges(cfg, RULES)
     if cfg['min_lr'] > cfg['learning_rate']:
         raise UserError(f"min_lr {cfg['min_lr']} is above learning_rate {cfg['learning_rate']}: lower --min_lr")

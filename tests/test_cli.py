@@ -38,7 +38,7 @@ def test_a_scripts_settings_are_its_lowercase_plain_values():
 
 def test_no_args_returns_a_copy_of_the_defaults():
     cfg, given = parse_config([], DEFAULTS)
-    assert cfg == DEFAULTS and cfg is not DEFAULTS and given == set()
+    assert cfg == DEFAULTS and cfg is not DEFAULTS and given == {}
 
 
 def test_both_spellings_give_the_same_config_and_defaults_stay_untouched():
@@ -48,7 +48,7 @@ def test_both_spellings_give_the_same_config_and_defaults_stay_untouched():
     a, given = parse_config(eq, DEFAULTS)
     assert a == cfg_of(space)
     assert (a['learning_rate'], a['max_iters'], a['dataset'], a['force']) == (1e-3, 5, 'tinystories', True)
-    assert given == {'learning_rate', 'max_iters', 'dataset', 'force'}
+    assert set(given) == {'learning_rate', 'max_iters', 'dataset', 'force'}
     assert cfg_of(['--learning_rate', '-1']) ['learning_rate'] == -1.0   # a negative number is a value
     assert DEFAULTS == before
 

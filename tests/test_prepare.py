@@ -4,12 +4,15 @@ specs, crash safety, the command line's one-line errors, and downloads against a
 127.0.0.1 started here. No test touches the internet.
 """
 
+import contextlib
+import errno
 import hashlib
 import json
 import http.server
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -175,47 +178,256 @@ def test_changed_tokenizer_config_or_force_prepares_again(tmp_path, capsys):
     assert "already prepared" not in capsys.readouterr().out and meta['train_docs'] == 2
 
 
-def test_crash_mid_write_leaves_no_dataset(tmp_path, monkeypatch):
-    d = str(tmp_path / 'd')
-    real = prepare.write_tokens
+def no_leftovers(d):
+    """Nothing of a prepare run is left beside or in d but the dataset (a staging folder would hold GBs)."""
+    parent = os.path.dirname(os.path.realpath(d))
+    assert not [f for f in os.listdir(parent) if 'prepare-new' in f], os.listdir(parent)
+    assert not [f for f in os.listdir(d) if f.endswith('.tmp') or 'prepare-new' in f], os.listdir(d)
 
-    def crash_in_val(enc, pieces, path, dtype, label):
+
+def test_crash_mid_write_keeps_the_old_dataset(tmp_path, monkeypatch):
+    d = str(tmp_path / 'd')
+    real = dataset.write_tokens
+
+    def crash_in_val(enc, pieces, path, dtype, label, *args):
         if label == 'val':
             open(path, 'wb').write(b'\0' * 100)
             raise RuntimeError('simulated crash while writing val.bin')
-        return real(enc, pieces, path, dtype, label)
+        return real(enc, pieces, path, dtype, label, *args)
 
-    monkeypatch.setattr(prepare, 'write_tokens', crash_in_val)
+    monkeypatch.setattr(dataset, 'write_tokens', crash_in_val)
     with pytest.raises(RuntimeError, match='simulated'):
         prepare.main([f'--data_dir={d}', *TINY])
     with pytest.raises(UserError, match="no dataset in"):
         dataset.read_meta(d)
-    assert not [f for f in os.listdir(d) if f.endswith('.tmp')]
-    # a finished dataset redone with --force that crashes is not accepted either: never a mix of old and new
-    monkeypatch.setattr(prepare, 'write_tokens', real)
-    prepare.main([f'--data_dir={d}', *TINY])
-    monkeypatch.setattr(prepare, 'write_tokens', crash_in_val)
+    no_leftovers(d)
+    # a finished dataset redone with --force that crashes is kept whole: never a mix of old and new
+    monkeypatch.setattr(dataset, 'write_tokens', real)
+    meta = prepare.main([f'--data_dir={d}', *TINY])
+    before = files_of(d)
+    monkeypatch.setattr(dataset, 'write_tokens', crash_in_val)
     with pytest.raises(RuntimeError):
-        prepare.main([f'--data_dir={d}', *TINY, '--force'])
-    with pytest.raises(UserError, match="no dataset in"):
-        dataset.read_meta(d)
+        prepare.main([f'--data_dir={d}', *TINY, '--vocab_size=320'])
+    assert dataset.read_meta(d) == meta and files_of(d) == before
+    no_leftovers(d)
+
+
+KILL = ("import ctypes, os, sys, dataset, prepare\n"
+        "real_write, real_swap, real_rename, at = dataset.write_tokens, dataset.swap, os.rename, sys.argv.pop(1)\n"
+        "def no_links(*args, **kwargs): raise PermissionError(1, 'Operation not permitted')\n"
+        "def rename(a, b):\n"
+        "    real_rename(a, b)\n"
+        "    if b.endswith('.prepare-new.old'): os._exit(9)   # data_dir is not there for that instant\n"
+        "if at == 'amid renames': ctypes.CDLL, os.rename = no_links, rename   # a system without renameat2\n"
+        "if at == 'before swap, no hard links': os.link = no_links\n"
+        "def write(enc, pieces, path, dtype, label, *args):\n"
+        "    if label == 'val' and at == 'val': open(path, 'wb').write(b'x'); os._exit(9)\n"
+        "    return real_write(enc, pieces, path, dtype, label, *args)\n"
+        "def swap(a, b):\n"
+        "    if at.startswith('before swap'): os._exit(9)\n"
+        "    real_swap(a, b)\n"
+        "    os._exit(9)   # after it: the old dataset waits beside, to be deleted\n"
+        "dataset.write_tokens, dataset.swap = write, swap\n"
+        "prepare.main(sys.argv[1:])\n")
+
+
+def killed_prepare(at, args):
+    r = subprocess.run([sys.executable, '-c', KILL, at, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr
 
 
 def test_killed_prepare_leaves_no_dataset(tmp_path):
     d = str(tmp_path / 'd')
-    code = ("import os, sys, prepare\n"
-            "real = prepare.write_tokens\n"
-            "def write(enc, pieces, path, dtype, label):\n"
-            "    if label == 'val': open(path, 'wb').write(b'x'); os._exit(9)\n"
-            "    return real(enc, pieces, path, dtype, label)\n"
-            "prepare.write_tokens = write\n"
-            "prepare.main(sys.argv[1:])\n")
-    r = subprocess.run([sys.executable, '-c', code, f'--data_dir={d}', *TINY], cwd=REPO, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 9, r.stderr
+    killed_prepare('val', [f'--data_dir={d}', *TINY])
     with pytest.raises(UserError, match="no dataset in"):
         dataset.read_meta(d)
     assert prepare.main([f'--data_dir={d}', *TINY])['val_docs'] == 1   # the next run just works
+    no_leftovers(d)
+
+
+@pytest.mark.parametrize('at', ['val', 'before swap', 'after swap', 'before swap, no hard links', 'amid renames'])
+def test_killed_replacement_leaves_the_old_or_the_new_dataset(at, tmp_path, capsys):
+    """kill -9 at any point of replacing a dataset: data_dir holds one whole dataset, old or new, and all
+    else it held; the next run puts back what the killed one had moved aside, and clears the rest away.
+    Two exceptions, on file systems that lack a feature: without hard links, raw/ and the lock wait beside
+    data_dir until the next run; without renameat2, data_dir is missing if the kill comes in the instant
+    between two renames (the next run puts the new dataset in place)."""
+    d = str(tmp_path / 'd')
+    old = prepare.main([f'--data_dir={d}', *TINY])
+    os.makedirs(os.path.join(d, 'raw'))
+    open(os.path.join(d, 'raw', 'kept.txt'), 'w').write('a download\n')   # what else the folder holds stays
+    before = files_of(d)
+    args = [f'--data_dir={d}', *TINY, '--vocab_size=320']
+    killed_prepare(at, args)
+    if at in ('val', 'before swap'):
+        assert dataset.read_meta(d) == old and files_of(d) == before and tokenizer_of(d)
+    elif at == 'after swap':
+        assert dataset.read_meta(d)['n_vocab'] == 320 and tokenizer_of(d)
+        assert open(os.path.join(d, 'raw', 'kept.txt')).read() == 'a download\n'
+    elif at == 'before swap, no hard links':
+        assert dataset.read_meta(d) == old and tokenizer_of(d) and not os.path.exists(os.path.join(d, 'raw'))
+    else:
+        assert not os.path.exists(d)
+    capsys.readouterr()
+    meta = prepare.main(args)   # the next run: the new dataset (where it was in place), or makes it again
+    assert meta['n_vocab'] == 320 and ("already prepared" in capsys.readouterr().out) == (at in ('after swap',
+                                                                                              'amid renames'))
+    assert open(os.path.join(d, 'raw', 'kept.txt')).read() == 'a download\n' and tokenizer_of(d)
+    assert sorted(os.listdir(d)) == ['.lock', 'meta.json', 'raw', 'tokenizer.tiktoken', 'train.bin', 'val.bin']
+    no_leftovers(d)
+
+
+def no_space(*args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))   # as f.write and os.fsync raise it: no file named
+
+
+@pytest.mark.parametrize('where', dataset.DATASET_FILES)
+def test_a_full_disk_keeps_the_old_dataset(where, tmp_path, monkeypatch, capsys):
+    """The disk fills while a dataset is replaced: the old one stays whole and readable, nothing is left
+    behind, and the error is one line naming the file, the fix, and what became of the dataset."""
+    d = str(tmp_path / 'd')
+    meta = prepare.main([f'--data_dir={d}', *TINY])
+    os.makedirs(os.path.join(d, 'raw'))
+    open(os.path.join(d, 'raw', 'book.txt'), 'w').write('a download\n')
+    before = files_of(d)
+    real_fsync, fsyncs = os.fsync, []
+
+    def fsync(fd):   # the disk fills as `where` is written (each file is flushed in the order of DATASET_FILES)
+        fsyncs.append(fd)
+        return no_space() if len(fsyncs) == dataset.DATASET_FILES.index(where) + 1 else real_fsync(fd)
+    monkeypatch.setattr(os, 'fsync', fsync)
+    err = cli_error([f'--data_dir={d}', *TINY, '--vocab_size=320'], capsys)
+    staged = os.path.join(dataset.staging_folder(d, True), where)
+    assert err == (f"error: cannot write {staged} (No space left on device): free some disk space and run again "
+                   f"(the dataset in {d} is unchanged)\n")
+    assert dataset.read_meta(d) == meta and tokenizer_of(d) and files_of(d) == before
+    no_leftovers(d)
+    monkeypatch.undo()   # space again: the advice works
+    assert prepare.main([f'--data_dir={d}', *TINY, '--vocab_size=320'])['n_vocab'] == 320
+    assert open(os.path.join(d, 'raw', 'book.txt')).read() == 'a download\n'
+    monkeypatch.setattr(os, 'fsync', no_space)   # a first prepare: no dataset, and nothing left
+    err = cli_error([f'--data_dir={tmp_path / "e"}', *TINY], capsys)
+    assert err.endswith("(No space left on device): free some disk space and run again (no dataset was written)\n")
+    assert os.listdir(tmp_path / 'e') == ['.lock']
+
+
+def test_replacing_without_hard_links_or_an_atomic_swap(tmp_path, monkeypatch):
+    """File systems without hard links (what else the folder holds is moved over instead) or without
+    renameat2 (three renames): the dataset is still replaced, and nothing else in the folder is lost."""
+    d = str(tmp_path / 'd')
+    prepare.main([f'--data_dir={d}', *TINY])
+    os.makedirs(os.path.join(d, 'raw', 'sub'))
+    open(os.path.join(d, 'raw', 'sub', 'book.txt'), 'w').write('a download\n')
+    open(os.path.join(d, 'notes.md'), 'w').write('mine\n')
+    monkeypatch.setattr(os, 'link', lambda *a, **k: no_space())
+    assert prepare.main([f'--data_dir={d}', *TINY, '--vocab_size=320'])['n_vocab'] == 320
+    monkeypatch.setattr(dataset.ctypes, 'CDLL', lambda *a, **k: no_space())   # no C library (Windows)
+    assert prepare.main([f'--data_dir={d}', *TINY, '--vocab_size=330'])['n_vocab'] == 330
+    monkeypatch.setattr(dataset.ctypes, 'CDLL', lambda *a, **k: object())   # a C library without renameat2
+    assert prepare.main([f'--data_dir={d}', *TINY, '--vocab_size=335'])['n_vocab'] == 335
+    monkeypatch.undo()
+    assert prepare.main([f'--data_dir={d}', *TINY, '--vocab_size=340'])['n_vocab'] == 340 and tokenizer_of(d)
+    assert open(os.path.join(d, 'raw', 'sub', 'book.txt')).read() == 'a download\n'
+    assert open(os.path.join(d, 'notes.md')).read() == 'mine\n'
+    no_leftovers(d)
+
+
+def test_replacing_keeps_what_is_written_into_the_folder_meanwhile(tmp_path, monkeypatch):
+    """A file saved into data_dir (or its raw/) while the new dataset is swapped in is not lost with the old
+    folder; and where no swap is possible (data_dir a mount point, its parent not writable), the files are
+    renamed in one by one."""
+    d = str(tmp_path / 'd')
+    prepare.main([f'--data_dir={d}', *TINY])
+    os.makedirs(os.path.join(d, 'raw'))
+    real_swap = dataset.swap
+
+    def swap(a, b):   # after what data_dir holds was linked into the new folder, before the swap
+        open(os.path.join(d, 'raw', 'late.txt'), 'w').write('saved meanwhile\n')
+        open(os.path.join(d, 'late.md'), 'w').write('mine\n')
+        real_swap(a, b)
+    monkeypatch.setattr(dataset, 'swap', swap)
+    lock = os.stat(os.path.join(d, '.lock')).st_ino
+    assert prepare.main([f'--data_dir={d}', *TINY, '--vocab_size=320'])['n_vocab'] == 320
+    assert os.stat(os.path.join(d, '.lock')).st_ino == lock   # the same lock file: a training run waits on it
+    assert open(os.path.join(d, 'raw', 'late.txt')).read() == 'saved meanwhile\n'
+    assert open(os.path.join(d, 'late.md')).read() == 'mine\n'
+    no_leftovers(d)
+    monkeypatch.setattr(os, 'access', lambda *a, **k: False)
+    assert dataset.staging_folder(d, True) == os.path.join(os.path.realpath(d), '.prepare-new')
+    assert prepare.main([f'--data_dir={d}', *TINY, '--vocab_size=330'])['n_vocab'] == 330 and tokenizer_of(d)
+    assert sorted(os.listdir(d)) == ['.lock', 'late.md', 'meta.json', 'raw', 'tokenizer.tiktoken', 'train.bin',
+                                     'val.bin']
+
+
+def test_meta_records_the_command_that_made_it(tmp_path):
+    d = str(tmp_path / 'd')
+    args = [f'--data_dir={d}', *TINY, '--input', '', "--sha256="]
+    meta = prepare.main(args)
+    assert meta['command'] == shlex.join(['python', 'prepare.py', *args]) == dataset.read_meta(d)['command']
+    assert meta['format'] == 2 == dataset.DATA_FORMAT
+    path = os.path.join(d, 'meta.json')
+    del meta['command']   # data prepared before the field existed stays valid
+    open(path, 'w').write(json.dumps(meta))
+    assert dataset.read_meta(d) == meta
+    open(path, 'w').write(json.dumps({**meta, 'command': ['python']}))
+    with pytest.raises(UserError, match=r"'command' should be str, got \['python'\]: run .* with --force"):
+        dataset.read_meta(d)
+
+
+def test_malformed_meta_is_one_line(small, tmp_path, capsys):
+    """meta.json edited into something tiktoken or json cannot take: one line each, and the advice works."""
+    d = str(tmp_path / 'd')
+    meta = prepare.main([f'--data_dir={d}', *TINY])
+    path = os.path.join(d, 'meta.json')
+    bad = {**meta, 'tokenizer': {**meta['tokenizer'], 'pattern': r'\p{L'}}
+    open(path, 'w').write(json.dumps(bad))
+    with pytest.raises(UserError, match=r"meta.json: the tokenizer's pattern is not a valid regex \(Parsing error.*\): "
+                                        r"run `python prepare.py CMD` with --force"):
+        dataset.tokenizer_spec(d, dataset.read_meta(d), 'python prepare.py CMD')
+    with pytest.raises(UserError, match=r"the tokenizer 'shakespeare-bpe' is damaged \(ValueError: Parsing error"):
+        dataset.load_tokenizer({**dataset.tokenizer_spec(small[0], small[1]), 'pattern': '('})
+    with pytest.raises(UserError, match=r"the tokenizer 'x' is damaged \(ValueError"):
+        dataset.load_tokenizer({'kind': 'bpe', 'name': 'x', 'pattern': 'a', 'ranks': 'YQ== 0\nnot a rank line\n'})
+    same = lambda a, b: {**a, 'command': ''} == {**b, 'command': ''}
+    assert same(prepare.main([f'--data_dir={d}', *TINY, '--force']), meta)   # the advice
+    for text, problem in [('[' * 100_000 + ']' * 100_000, 'RecursionError'), ('{"format": 2,', 'JSONDecodeError'),
+                          (b'\xff\xfe{}', 'UnicodeDecodeError')]:
+        open(path, 'wb').write(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(UserError, match=rf"meta.json is unreadable \({problem}\): run .* with --force"):
+            dataset.read_meta(d)
+    with open(path, 'r+b') as f:   # a huge file where meta.json belongs is not read into memory
+        f.truncate(dataset.META_MAX_BYTES + 1)
+    with pytest.raises(UserError, match=r"meta.json is 67,108,865 bytes, not a meta.json of prepare.py: run .* --force"):
+        dataset.read_meta(d)
+    assert same(prepare.main([f'--data_dir={d}', *TINY, '--force']), meta)   # the advice
+    assert same(dataset.read_meta(d), meta)
+
+
+def test_progress_of_the_long_steps(tmp_path, monkeypatch, capsys):
+    """The BPE says what it trains on before it starts; a long encode says so at once and then shows how far
+    it has come (cli.Progress); the default output stays short."""
+    updates = []
+
+    class Recorder(cli.Progress):
+        def update(self, done, note=''):
+            updates.append((self.what, done, self.total))
+    monkeypatch.setattr(cli, 'Progress', Recorder)
+    monkeypatch.setattr(dataset, 'ANNOUNCE_MB', 0)   # this small text counts as long
+    monkeypatch.setattr(dataset, 'BATCH_CHARS', 2**16)
+    monkeypatch.setattr(prepare, 'PIECE_CHARS', 2**14)
+    text = "The first line, not too short.\n" * 80_000
+    (tmp_path / 'book.txt').write_text(text)
+    prepare.main(['--dataset=book', f'--input={tmp_path / "book.txt"}', f'--data_dir={tmp_path / "d"}',
+                  '--vocab_size=300'])
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"training a 300-token BPE on 2\.2M characters of text \.\.\.", out[0])
+    assert re.fullmatch(r"  done in \d+\.\ds: \d+ tokens", out[1])
+    assert out[2:4] == ["encoding the train split (2 MB) ...", "encoding the val split (0 MB) ..."]
+    train = [u for u in updates if u[0] == '  train']
+    assert len(train) > 10 and train[-1][1:] == (2, 2)
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), f'--data_dir={tmp_path / "s"}'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr == '' and len(r.stdout.splitlines()) == 5, r.stdout + r.stderr
 
 
 def test_read_meta_refuses_damaged_datasets(small, tmp_path):
@@ -285,7 +497,12 @@ def test_pretrained_tokenizer_dataset(name, eot_id, dtype, small, tmp_path, monk
     (['--vocab_sise=8192'], "unknown config key 'vocab_sise' (did you mean 'vocab_size'?)"),
     (['--force=maybe'], "config key 'force' expects a bool (true/false/yes/no/1/0), got 'maybe'"),
     (['--max_docs=few'], "config key 'max_docs' expects an int, got 'few'"),
-    (['--dataset=mine', '--input=does/not/exist'], "--input: does/not/exist not found"),
+    (['--dataset=mine', '--input=does/not/exist'], "--input file does/not/exist not found"),
+    (['--dataset=web', '--url=http://[::1'], "url 'http://[::1' does not parse (Invalid IPv6 URL): check it"),
+    (['--dataset=web', '--url=http://host:99999/x'], "url 'http://host:99999/x' does not parse (Port out of range"),
+    (['--dataset=web', '--url=http:///x'], "url 'http:///x' does not parse (Invalid URL 'http:///x': No host"),
+    (['--dataset=web', '--url=http://a b/x'], "url 'http://a b/x' does not parse"),
+    (['--dataset=web', '--url=http://x/a', '--max_download_gb=0'], "max_download_gb must be more than 0, got 0.0"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
     err = cli_error(args + [f'--data_dir={tmp_path / "d"}'], capsys)
@@ -307,14 +524,50 @@ def test_cli_subprocess(tmp_path):
     assert (r.returncode, r.stderr) == (2, "error: unknown config key 'vocab_sise' (did you mean 'vocab_size'?)\n")
 
 
+@contextlib.contextmanager
+def no_hang(seconds=20):
+    """Fail the test, instead of hanging it, should something open a pipe to read it."""
+    def fire(signum, frame):
+        raise TimeoutError(f"hung for {seconds}s")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='named pipes are POSIX')
 def test_input_that_is_not_a_regular_file_is_refused(tmp_path):
     """A named pipe would be read forever: refused by name, and skipped inside an --input folder."""
     os.mkfifo(tmp_path / 'pipe.txt')
-    with pytest.raises(UserError, match=r"--input: .*pipe\.txt is not a regular file or folder"):
+    with no_hang(), pytest.raises(UserError, match=r"--input file .*pipe\.txt is not a regular file \(a pipe"):
         prepare.input_files(str(tmp_path / 'pipe.txt'))
     (tmp_path / 'notes.txt').write_text('some notes\n')
     assert prepare.input_files(str(tmp_path)) == [str(tmp_path / 'notes.txt')]
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='named pipes are POSIX')
+@pytest.mark.parametrize('name', dataset.DATASET_FILES)
+def test_a_pipe_or_folder_in_a_dataset_is_refused_not_read(name, tmp_path, capsys):
+    """Each file of a dataset in turn a named pipe (reading it would hang), then a folder (someone's, not ours
+    to replace): train.py's readers and prepare.py refuse it by name, and the advice works when followed."""
+    d = str(tmp_path / 'd')
+    prepare.main([f'--data_dir={d}', *TINY])
+    path = os.path.join(d, name)
+    for make, kind in ((os.mkfifo, 'a pipe or device'), (os.mkdir, 'a folder')):
+        dataset.remove_tree(path)
+        make(path)
+        with no_hang(), pytest.raises(UserError, match=re.escape(f"{path} is {kind}, not a file: move it away, "
+                                                                 f"then run `python prepare.py CMD`")):
+            dataset.tokenizer_spec(d, dataset.read_meta(d, 'python prepare.py CMD'), 'python prepare.py CMD')
+        with no_hang():
+            err = cli_error([f'--data_dir={d}', *TINY], capsys)
+        assert err == f"error: {path} is {kind}, not a file: move it away, then run prepare.py again\n"
+        assert os.path.lexists(path)   # left as it was
+    os.rmdir(path)   # moved away, as the messages say: prepare.py then works
+    assert prepare.main([f'--data_dir={d}', *TINY])['n_vocab'] == 300 and tokenizer_of(d)
 
 
 def test_a_second_prepare_into_the_same_folder_refuses(tmp_path):
@@ -416,7 +669,9 @@ def test_file_pieces_streams_documents(tmp_path, monkeypatch):
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """Serves server.files {path: (bytes, content type)} with Range support; server.fail[path] 503s
-    and server.cut[path] bodies cut in half are handed out first, one per request."""
+    and server.cut[path] bodies cut in half are handed out first, one per request. server.length[path]
+    replaces the Content-Length header (None: none, the body ends when the connection closes);
+    server.endless[path] sends the body again and again, without end; server.redirect[path] is a 302."""
 
     def log_message(self, *args):
         pass
@@ -424,6 +679,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         srv = self.server
         srv.log.append((self.path, self.headers.get('Range')))
+        if self.path in srv.redirect:
+            self.send_response(302)
+            self.send_header('Location', srv.redirect[self.path])
+            self.send_header('Content-Length', '0')
+            self.end_headers()
+            return
         if srv.fail.get(self.path):
             srv.fail[self.path] -= 1
             self.send_response(503)
@@ -438,9 +699,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if start else 200)
         if start:
             self.send_header('Content-Range', f'bytes {start}-{len(data) - 1}/{len(data)}')
-        self.send_header('Content-Length', str(len(data) - start))
+        length = srv.length.get(self.path, str(len(data) - start))
+        if length is not None:
+            self.send_header('Content-Length', length)
         self.send_header('Content-Type', kind)
         self.end_headers()
+        if srv.endless.get(self.path):
+            try:
+                while True:
+                    self.wfile.write(data)
+            except OSError:   # the client gave up
+                return
         if srv.cut.get(self.path):
             srv.cut[self.path] -= 1
             self.wfile.write(data[start:start + (len(data) - start) // 2])   # then hang up, short of Content-Length
@@ -453,7 +722,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def server():
     srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     srv.daemon_threads = True
-    srv.files, srv.fail, srv.cut, srv.log = {}, {}, {}, []
+    srv.files, srv.fail, srv.cut, srv.log, srv.length, srv.endless, srv.redirect = {}, {}, {}, [], {}, {}, {}
     srv.url = f'http://127.0.0.1:{srv.server_address[1]}'
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
@@ -465,7 +734,8 @@ def server():
 def web(server, monkeypatch):
     monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
     monkeypatch.setattr(prepare, 'RETRY_BACKOFF', 0)
-    server.files.clear(), server.fail.clear(), server.cut.clear(), server.log.clear()
+    for d in (server.files, server.fail, server.cut, server.log, server.length, server.endless, server.redirect):
+        d.clear()
     return server
 
 
@@ -557,11 +827,11 @@ def test_download_gives_up_on_a_silent_server_and_without_network(tmp_path, monk
     with pytest.raises(UserError, match=rf"127.0.0.1:{port} accepted the connection but did not answer within 0.3s"):
         prepare.fetch(f'http://127.0.0.1:{port}/input.txt', str(tmp_path / 'raw' / 'input.txt'))
     assert time.time() - t0 < 10
-    silent.close()   # now nothing listens there: connection refused, as on a machine with no network
+    silent.close()   # now nothing listens there: refused, which says the machine is there (not offline)
     with pytest.raises(UserError) as e:
         prepare.fetch(f'http://127.0.0.1:{port}/input.txt', str(tmp_path / 'raw' / 'input.txt'))
-    assert str(e.value) == (f"cannot reach 127.0.0.1:{port} (offline?): `python prepare.py` uses the bundled "
-                            f"Shakespeare and needs no network")
+    assert str(e.value) == (f"127.0.0.1:{port} refused the connection (no server listens on that port): check the "
+                            f"URL, or start the server")
 
 
 def test_download_gives_up_on_a_server_that_drips(tmp_path, monkeypatch):
@@ -637,7 +907,11 @@ def test_url_dataset_end_to_end(web, tmp_path, capsys):
         prepare.main(args + ['--force'])
     assert dataset.read_meta(d) == meta and web.log[-1] == ('/book.txt', None)
     serve(web, '/book.txt', data)
-    assert prepare.main(args + ['--force']) == meta and len(web.log) == 3
+    open(os.path.join(d, 'notes.md'), 'w').write('mine\n')   # a file of the user's in the data folder stays
+    again = prepare.main(args + ['--force'])
+    assert again == {**meta, 'command': shlex.join(['python', 'prepare.py', *args, '--force'])} and len(web.log) == 3
+    assert sorted(os.listdir(d)) == ['.lock', 'meta.json', 'notes.md', 'raw', 'tokenizer.tiktoken', 'train.bin', 'val.bin']
+    assert open(os.path.join(d, 'notes.md')).read() == 'mine\n' and os.listdir(os.path.join(d, 'raw'))
 
 
 def test_tinystories_layout(web, tmp_path, monkeypatch):
@@ -655,3 +929,169 @@ def test_tinystories_layout(web, tmp_path, monkeypatch):
     meta = prepare.main(['--dataset=tinystories', f'--data_dir={d}', '--vocab_size=300', '--max_docs=7'])
     assert (meta['train_docs'], meta['val_docs']) == (7, 7) and len(web.log) == 2
     assert sorted(os.listdir(os.path.join(d, 'raw'))) == ['TinyStoriesV2-GPT4-train.txt', 'TinyStoriesV2-GPT4-valid.txt']
+
+
+def test_download_has_a_size_limit(web, tmp_path, capsys):
+    """A download larger than max_download_gb stops: at once where Content-Length says so, else once that
+    much has come (a server without end would fill the disk). What came is kept, to resume."""
+    data = play_bytes(0) + play_bytes(1)
+    url = serve(web, '/big.txt', data)
+    path = str(tmp_path / 'raw' / 'big.txt')
+    with pytest.raises(UserError) as e:
+        prepare.fetch(url, path, max_gb=1e-4)
+    assert str(e.value) == (f"{url} is {len(data):,} bytes, more than max_download_gb=0.0001: raise "
+                            f"--max_download_gb to download it")
+    assert not os.path.exists(path + '.part')
+    web.length['/big.txt'] = None   # no Content-Length: stopped once 100 KB have come, and kept
+    with pytest.raises(UserError) as e:
+        prepare.fetch(url, path, max_gb=1e-4)
+    assert re.fullmatch(rf"{url} sent more than max_download_gb=0.0001 \({path}.part holds 1\d\d,\d\d\d bytes\): if the "
+                        rf"file is that large, raise --max_download_gb and run again to resume; otherwise delete "
+                        rf"{path}.part", str(e.value))
+    del web.length['/big.txt']   # the advice: a higher limit resumes where it stopped
+    assert prepare.fetch(url, path, max_gb=1) == hashlib.sha256(data).hexdigest()
+    assert open(path, 'rb').read() == data and web.log[-1][1].startswith('bytes=1')
+    web.endless['/endless.txt'], web.length['/endless.txt'] = True, None   # a stream without end, via the CLI
+    url = serve(web, '/endless.txt', b'all work and no play\n' * 3000)
+    t0 = time.time()
+    err = cli_error(['--dataset=endless', f'--url={url}', f'--data_dir={tmp_path / "d"}', '--max_download_gb=0.001'],
+                    capsys)
+    assert "sent more than max_download_gb=0.001" in err and ".part holds 1,0" in err and time.time() - t0 < 30
+
+
+def test_download_answers_that_are_odd_or_cut(tmp_path, monkeypatch, web):
+    """Servers that answer oddly on 127.0.0.1: a Content-Length that is not a number (taken as none), a
+    connection closed or reset before any answer, or an answer that is not HTTP: one line each, and no
+    'offline?' for a server that is there."""
+    monkeypatch.setenv('NO_PROXY', '127.0.0.1,localhost')
+    url = serve(web, '/odd.txt', b'some text\n')
+    web.length['/odd.txt'] = 'abc'
+    assert prepare.fetch(url, str(tmp_path / 'raw' / 'odd.txt')) == hashlib.sha256(b'some text\n').hexdigest()
+
+    def serve_once(answer):
+        sock = socket.socket()
+        sock.bind(('127.0.0.1', 0))
+        sock.listen(8)
+
+        def run():
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                conn.recv(4096)
+                answer(conn)
+                conn.close()
+        threading.Thread(target=run, daemon=True).start()
+        return sock, f'127.0.0.1:{sock.getsockname()[1]}'
+
+    def reset(conn):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\1\0\0\0\0\0\0\0')   # RST on close
+    for answer, inner in [(reset, 'ConnectionResetError'), (lambda conn: None, 'RemoteDisconnected'),
+                          (lambda conn: conn.sendall(b'SSH-2.0-OpenSSH_9.6\r\n'), 'BadStatusLine')]:
+        sock, host = serve_once(answer)
+        with pytest.raises(UserError) as e:
+            prepare.fetch(f'http://{host}/x.txt', str(tmp_path / 'raw' / 'x.txt'))
+        sock.close()
+        assert str(e.value) == (f"{host} accepted the connection, then closed it without a valid HTTP answer ({inner}, "
+                                f"{1 + prepare.READ_RETRIES} tries): check that the URL's port serves http(s), or "
+                                f"try again later")
+
+
+def test_download_to_a_full_disk_keeps_what_came(web, tmp_path, monkeypatch):
+    data = play_bytes(1)
+    url = serve(web, '/full.txt', data)
+    path = str(tmp_path / 'raw' / 'full.txt')
+    real_open = open
+
+    class Full:   # a disk that fills after 70,000 bytes of the download
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, chunk):
+            if self.f.tell() + len(chunk) > 70_000:
+                no_space()
+            return self.f.write(chunk)
+    monkeypatch.setattr(prepare, 'CHUNK_BYTES', 10_000)
+    monkeypatch.setattr(prepare, 'open', lambda p, mode='r', *a, **k: Full(real_open(p, mode, *a, **k))
+                        if p.endswith('.part') and 'b' in mode and mode != 'rb' else real_open(p, mode, *a, **k),
+                        raising=False)
+    with pytest.raises(UserError) as e:
+        prepare.fetch(url, path)
+    assert str(e.value) == (f"cannot write {path}.part (No space left on device): free some disk space, then run "
+                            f"again to resume the download")
+    assert os.path.getsize(path + '.part') == 70_000
+    monkeypatch.undo()   # space again: the advice
+    assert prepare.fetch(url, path) == hashlib.sha256(data).hexdigest() and web.log[-1][1] == 'bytes=70000-'
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='named pipes are POSIX')
+def test_download_paths_that_are_not_files(web, tmp_path, capsys):
+    """raw/ a file, the download or its .part a pipe (reading it would hang) or a folder: refused by name."""
+    data = b'a line of text\n' * 100
+    url = serve(web, '/t.txt', data)
+    d = tmp_path / 'd'
+    args = ['--dataset=t', f'--url={url}', f'--data_dir={d}']
+    d.mkdir()
+    (d / 'raw').write_text('not a folder')
+    assert cli_error(args, capsys) == f"error: {d}/raw is not a folder: move it away (prepare.py keeps its downloads in it)\n"
+    (d / 'raw').unlink()
+    (d / 'raw').mkdir()
+    name = hashlib.sha256(url.encode()).hexdigest()[:8] + '-t.txt'
+    for suffix in ('', '.part'):
+        for make, kind in ((os.mkfifo, 'a pipe or device'), (os.mkdir, 'a folder')):
+            make(d / 'raw' / (name + suffix))
+            with no_hang():
+                err = cli_error(args, capsys)
+            assert err == f"error: {d}/raw/{name}{suffix} is {kind}, not a file: move it away, then run prepare.py again\n"
+            dataset.remove_tree(str(d / 'raw' / (name + suffix)))
+    assert prepare.main(args + ['--vocab_size=260'])['source']['files'][0]['bytes'] == len(data)
+
+
+def test_odd_urls_redirects_and_names(web, tmp_path, capsys):
+    """Redirects in a loop or to ftp://, and a URL whose file name is too long for the disk."""
+    web.redirect['/loop.txt'], web.redirect['/ftp.txt'] = '/loop.txt', 'ftp://example.com/x.txt'
+    for path, problem in [('/loop.txt', r"TooManyRedirects: Exceeded 30 redirects\."),
+                          ('/ftp.txt', r"InvalidSchema: No connection adapters were found for 'ftp://example.com/x.txt'")]:
+        err = cli_error(['--dataset=odd', f'--url={web.url}{path}', f'--data_dir={tmp_path / "d"}'], capsys)
+        assert re.fullmatch(rf"error: download of {web.url}{path} failed \({problem}\): check the URL\n", err)
+    data = b'a line of text\n' * 100
+    url = serve(web, '/' + 'a' * 300 + '.txt', data)   # 300 characters: more than a file name may have
+    meta = prepare.main(['--dataset=long', f'--url={url}', f'--data_dir={tmp_path / "e"}', '--vocab_size=260'])
+    assert len(meta['source']['files'][0]['name']) == 9 + 100 and os.listdir(tmp_path / 'e' / 'raw')
+
+
+def test_odd_paths(tmp_path, monkeypatch, capsys):
+    """--data_dir=~/x (the shell leaves ~ after '='), an --input link that leads nowhere, a working folder
+    inside data_dir (swapping the folder away would leave it looking empty), a huge tokenizer file."""
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    monkeypatch.chdir(tmp_path)
+    assert dataset.data_dir_of({'data_dir': '~/data/x'}) == str(tmp_path / 'home' / 'data' / 'x')
+    prepare.main(['--data_dir=~/data/x', *TINY])
+    assert dataset.read_meta(str(tmp_path / 'home' / 'data' / 'x')) and not os.path.exists('~')
+    os.symlink('nowhere.txt', 'broken.txt')
+    os.symlink('loop.txt', 'loop.txt')
+    for name in ('broken.txt', 'loop.txt'):
+        err = cli_error(['--dataset=b', f'--input={name}', '--data_dir=b'], capsys)
+        assert err == f"error: --input file {name} is a broken link (to a missing file, or links in a loop): fix the link\n"
+    d = str(tmp_path / 'home' / 'data' / 'x')
+    monkeypatch.chdir(d)
+    assert dataset.staging_folder('.', True) == os.path.join(d, '.prepare-new')   # renamed in, file by file
+    assert prepare.main(['--data_dir=.', *TINY, '--vocab_size=320'])['n_vocab'] == 320
+    assert sorted(os.listdir('.')) == ['.lock', 'meta.json', 'tokenizer.tiktoken', 'train.bin', 'val.bin']
+    monkeypatch.chdir(tmp_path)
+    assert dataset.staging_folder(d, True) == str(tmp_path / 'home' / 'data' / '.x.prepare-new')
+    with open(os.path.join(d, dataset.RANKS_FILE), 'r+b') as f:
+        f.truncate(dataset.RANKS_MAX_BYTES + 1)
+    with pytest.raises(UserError, match=r"tokenizer.tiktoken is 1,073,741,825 bytes, not a tokenizer of prepare.py: run"):
+        dataset.tokenizer_spec(d, dataset.read_meta(d))
+    assert prepare.main(['--data_dir=~/data/x', *TINY, '--vocab_size=320'])['n_vocab'] == 320 and tokenizer_of(d)
