@@ -143,11 +143,11 @@ def main(argv):
           f"{'s' if len(ids) > 1 else ''} x up to {cfg['max_new_tokens']} new tokens, KV cache "
           f"{'on' if cfg['use_cache'] else 'off'})", file=sys.stderr)
     if cfg['copy_check']:
-        copy_check(completions, trained_on, tokenizer_spec)
+        report_copies(completions, trained_on, tokenizer_spec)
     return texts
 
 
-def copy_check(completions, data, tokenizer_spec):
+def report_copies(completions, data, tokenizer_spec):
     """On stderr, each completion's longest span shared with the training text (ck['data'], decoded with
     ck['tokenizer']) and the longest of all; or one line saying why not. Returns [(length, span)] or None."""
     t0 = time.time()
