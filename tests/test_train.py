@@ -661,3 +661,23 @@ def test_divergence_stops_cleanly_and_keeps_last_checkpoint(data_dir, tmp_path):
                       match='training diverged')
     assert f'the last good checkpoint {out}/ckpt.pt is kept' in message
     assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == before
+
+
+def test_a_full_disk_while_logging_names_the_log_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
+    import builtins
+    import errno
+    out = str(tmp_path / 'out')
+    args = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--eval_interval=4', '--log_interval=1']
+    train_here(*args, '--max_iters=4')
+
+    def full(path, *a, **kw):
+        if str(path).endswith('log.jsonl') and a and a[0] == 'a':
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return builtins.open(path, *a, **kw)
+    monkeypatch.setattr(train, 'open', full, raising=False)
+    refused(*args, '--max_iters=8', '--init_from=resume',
+            match=f"cannot write {out}/log.jsonl (No space left on device): free disk space, then resume")
+    monkeypatch.undo()
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == 4
+    train_here(*args, '--max_iters=8', '--init_from=resume')   # the advice, once there is space
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['iter_num'] == 8
