@@ -57,6 +57,9 @@ def data_dir_of(cfg):
     return os.path.expanduser(path)
 
 
+BUILTIN = ('shakespeare', 'tinyshakespeare', 'tinystories')   # prepare.py knows where their text is
+
+
 def prepare_command(data_dir, args=None):
     """The prepare command that makes data_dir, for error messages: with prepare.py's arguments where the
     caller knows them; otherwise a guess from the folder's name."""
@@ -65,7 +68,7 @@ def prepare_command(data_dir, args=None):
     norm = os.path.normpath(data_dir)
     if norm == os.path.join('data', 'shakespeare'):
         return 'python prepare.py'
-    if norm in (os.path.join('data', 'tinyshakespeare'), os.path.join('data', 'tinystories')):
+    if norm in (os.path.join('data', name) for name in BUILTIN[1:]):
         return f'python prepare.py --dataset={os.path.basename(norm)}'
     return 'python prepare.py CONFIG (the config and overrides you give train.py)'
 

@@ -316,8 +316,11 @@ def open_data(cfg, argv, ckpt, held):
         held.enter_context(contextlib.closing(checkpoint.lock_folder(ddir, 'training run', shared=True) or
                                               open(os.devnull)))
     if ckpt is None:   # how to make this data: the config files and data overrides given
-        cmd = ds.prepare_command(ddir, [path or f'--{key}={raw}' for key, raw, path in cli.split_argv(argv, DEFAULTS)
+        given = cli.split_argv(argv, DEFAULTS)
+        cmd = ds.prepare_command(ddir, [path or f'--{key}={raw}' for key, raw, path in given
                                         if path or key in ds.DATASET_DEFAULTS])
+        if not os.path.exists(os.path.join(ddir, 'meta.json')):
+            check_preparable(cfg, ddir, any(path for _, _, path in given))
     else:   # the settings that made the checkpoint's data, into this folder
         made = ckpt['data']['prepared_with']
         cmd = ds.prepare_command(ddir, [f'--{k}={v}' for k, v in made.items() if v != ds.DATASET_DEFAULTS.get(k)]
@@ -335,6 +338,17 @@ def open_data(cfg, argv, ckpt, held):
                             f"differ{'s' if len(differs) == 1 else ''}): make that data with `{cmd[:cmd.rindex(' --data_dir=')]} "
                             f"--data_dir={fresh}` and resume with --data_dir={fresh}")
     return Data(ddir, meta, tok_spec, {s: os.path.join(ddir, f'{s}.bin') for s in ('train', 'val')}, cmd)
+
+
+def check_preparable(cfg, ddir, from_files):
+    """Missing data is met with a prepare command: make sure prepare.py would take it."""
+    if cfg['vocab_size'] < 257:
+        raise UserError(f"no dataset in {ddir}, and vocab_size {cfg['vocab_size']} is below the 257 tokens a byte-level "
+                        f"BPE starts from: set --vocab_size=257 or more")
+    if cfg['dataset'] not in ds.BUILTIN and not from_files:   # its text comes from --url or --input
+        raise UserError(f"no dataset in {ddir}: prepare the text of '{cfg['dataset']}' first, `python prepare.py "
+                        f"--dataset={cfg['dataset']} --input=YOUR_FILES` (or --url=URL), then train with the same "
+                        f"--dataset")
 
 
 def split_of(meta):

@@ -571,12 +571,25 @@ def test_the_command_line_says_no_in_one_line_with_exit_code_2(data_dir, tmp_pat
     one_line_error(p, 'RANK is set but LOCAL_RANK or WORLD_SIZE is missing')
 
 
-def test_bad_data_is_one_clean_line(data_dir, tmp_path):
+def test_bad_data_is_one_clean_line(data_dir, tmp_path, monkeypatch):
     # no data: the prepare command that makes it, from the run's config files and data settings
     refused(*TINY, f'--data_dir={tmp_path}/none', match=f"no dataset in {tmp_path}/none: run `python prepare.py "
                                                         f"--vocab_size=512 --data_dir={tmp_path}/none` first")
     refused('config/deepseek_mini.py', f'--data_dir={tmp_path}/none', '--max_iters', '5',
             match=f"run `python prepare.py config/deepseek_mini.py --data_dir={tmp_path}/none` first")
+    # a suggestion prepare.py would refuse is never made: the advice names what to change instead
+    refused(*TINY, f'--data_dir={tmp_path}/none', '--vocab_size=100', match='set --vocab_size=257 or more')
+    with pytest.raises(UserError, match='at least 257'):
+        prepare.main([f'--data_dir={tmp_path}/none', '--vocab_size=100'])   # what the old advice led to
+    monkeypatch.chdir(tmp_path)   # data/mybook is made here, not in the repo
+    message = refused(*TINY, '--dataset=mybook', match="prepare the text of 'mybook' first")
+    notes = tmp_path / 'notes'
+    notes.mkdir()
+    for i in range(3):
+        (notes / f'{i}.txt').write_text(f"note {i}: " + "words of my own, " * 400)
+    command = message.split('`')[1].replace('YOUR_FILES', str(notes)).split()
+    prepare.main([*command[2:], '--vocab_size=512', '--val_docs=1'])
+    train_here(*TINY, '--dataset=mybook', '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path}/book')
     bad = copy_files(data_dir, str(tmp_path / 'bad'))
     meta = json.load(open(os.path.join(bad, 'meta.json')))
     ids = np.memmap(os.path.join(bad, 'train.bin'), dtype=meta['dtype'], mode='r+')
