@@ -213,7 +213,11 @@ def check_ranges(cfg, rules):
             raise UserError(f"{key} must be {must}, got {show(cfg[key])}")
 
 
-LAST_OUTPUT = [0.0]   # when a Progress line was last shown: a Heartbeat stays quiet while one is
+LAST_OUTPUT = [0.0]   # when a script last printed a line (said()): a Heartbeat counts silence from then
+
+
+def said():
+    LAST_OUTPUT[0] = time.time()
 
 
 class Progress:
@@ -253,8 +257,8 @@ class Progress:
 
 class Heartbeat:
     """For work that runs long without printing (a training step of a big model on a CPU): a background
-    thread says what is still running after every `every` seconds of silence. Call beat(what) whenever
-    the script prints, and close() at the end."""
+    thread says what is still running after every `every` seconds of silence. Call beat(what) as each
+    piece of work starts, said() after printing a line, and close() at the end."""
 
     def __init__(self, every=25.0, active=True, stream=None):
         self.every, self.what, self.last, self.stream = every, '', time.time(), stream
@@ -263,14 +267,15 @@ class Heartbeat:
             threading.Thread(target=self.run, daemon=True).start()
 
     def beat(self, what):
-        self.what, self.last = what, time.time()
+        """Name the work now running; the silence is counted from the last line printed, not from here."""
+        self.what = what
 
     def run(self):
         while not self.done.wait(1.0):
-            if self.what and time.time() - max(self.last, LAST_OUTPUT[0]) >= self.every:
-                print(f"  ... {self.what} (still running, {fmt_time(time.time() - self.last)} since the last line)",
+            silent = time.time() - max(self.last, LAST_OUTPUT[0])
+            if self.what and silent >= self.every:
+                print(f"  ... {self.what} (still running, {fmt_time(silent)} since the last line)",
                       file=self.stream or sys.stdout, flush=True)
-                self.every *= 2 if self.every < 300 else 1   # fewer lines for work that takes hours
                 self.last = time.time()
 
     def close(self):

@@ -111,6 +111,7 @@ def main(argv):
         if cfg['init_from'] == 'resume' or cfg['eval_only']:
             heartbeat.beat('reading the checkpoint')
             ckpt, cfg = resume_point(cfg, given, run)
+        heartbeat.beat('reading the data')
         data = open_data(cfg, argv, ckpt, held)
         mconf = ModelConfig(**(ckpt['model_args'] if ckpt else {k: cfg[k] for k in MODEL_DEFAULTS}))
         check_data(data, mconf)
@@ -693,6 +694,7 @@ class Log:
             return
         if line:
             print(line, flush=True)
+            cli.said()
         try:
             with open(self.path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
@@ -764,6 +766,7 @@ def announce(cfg, mconf, data, run, raw_model, state, memory_line, log):
           f"{sharding}, {log.tokens_per_iter:,} tokens/iter, {flops_per_token / 1e9:.3f} GFLOP/token, "
           f"{'resuming at iter ' + str(state['iter']) if state['iter'] else 'from scratch'}")
     print(memory_line, flush=True)
+    cli.said()
     rate = cli.matmul_flops(run.dev, run.ptdtype)
     step_s = log.flops_per_iter / (0.5 * rate)   # a training step runs at about half the matmul rate (bench.py)
     evals = (cfg['max_iters'] - state['iter']) // cfg['eval_interval'] + 1
@@ -777,6 +780,7 @@ def announce(cfg, mconf, data, run, raw_model, state, memory_line, log):
                "python train.py config/deepseek_mini.py" if run.device_type == 'cpu' else
                "a GPU with more FLOP/s, fewer --max_iters, or a smaller model")
         print(f"note: that is about {total / 86400:.1f} days here; {fix}", flush=True)
+    cli.said()
 
 
 def read_records(path):
