@@ -465,8 +465,8 @@ def test_copy_check_reports_the_recited_span_after_the_prompt(trained_on, capsys
 def test_copy_check_agrees_with_brute_force(trained_on, capsys, monkeypatch):
     ckpt, enc, documents, _ = trained_on
     found = []
-    check = sample.copy_check
-    monkeypatch.setattr(sample, 'copy_check', lambda *args: found.extend(check(*args)))
+    check = sample.report_copies
+    monkeypatch.setattr(sample, 'report_copies', lambda *args: found.extend(check(*args)))
     texts, _, err = run(capsys, f'--ckpt={ckpt}', '--num_samples=3', '--max_new_tokens=24', '--temperature=1.5')
     assert [n for n, _ in found] == [longest(text, documents) for text in texts]   # the default prompt prints nothing
     for i, (n, span) in enumerate(found):
