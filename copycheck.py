@@ -16,7 +16,6 @@ import contextlib
 
 import os
 import shlex
-import zlib
 
 import numpy as np
 
@@ -170,17 +169,6 @@ def repo_command(script, args):
     return shlex.join(['python', path, *args])
 
 
-def remake_command(data):
-    """The prepare command that makes a checkpoint's data again in its folder, from the settings it recorded
-    (None for a checkpoint without them: read_meta then guesses from the folder's name)."""
-    made_with = data.get('prepared_with')
-    if not isinstance(made_with, dict):
-        return None
-    settings = {**made_with, 'data_dir': data['dir']}
-    return repo_command('prepare.py', [f'--{k}={v}' for k, v in settings.items()
-                                       if v != dataset.DATASET_DEFAULTS.get(k)])
-
-
 def training_text(data, tokenizer_spec):
     """(code points of the training text, number of documents) of a checkpoint, from ck['data'] and
     ck['tokenizer']: the train split, decoded with the checkpoint's tokenizer, each document followed by
@@ -192,11 +180,9 @@ def training_text(data, tokenizer_spec):
     # locked as train.py locks it: a prepare.py rewriting the folder is not read halfway
     held = checkpoint.lock_folder(ddir, 'copy check', shared=True) if os.path.isdir(ddir) else None
     with contextlib.closing(held or open(os.devnull)):
-        meta = dataset.read_meta(ddir, remake_command(data))   # missing or damaged: says how to make it again
-        split = {'train_tokens': meta['train_tokens'], 'val_tokens': meta['val_tokens'],
-                 'val_names': meta['source']['val_names']}   # as train.py records it
-        if (meta['source']['sha256'] != data.get('source') or split != data.get('split')
-                or not same_tokenizer(meta['tokenizer'], tokenizer_spec)):
+        made_with = data.get('prepared_with')   # missing or damaged: read_meta says how to make it again
+        meta = dataset.read_meta(ddir, dataset.remake_command(made_with, ddir) if isinstance(made_with, dict) else None)
+        if dataset.differences(data, tokenizer_spec, meta):
             raise UserError(f"{ddir} is not this checkpoint's training data (other text, split or tokenizer)")
         if meta['train_tokens'] > MAX_TOKENS:
             raise UserError(f"the training text in {ddir} is {meta['train_tokens']:,} tokens, more than the "
@@ -211,14 +197,3 @@ def training_text(data, tokenizer_spec):
                  for a, b in zip(cuts[:-1], cuts[1:])]
     documents = [doc for doc in documents if doc]
     return corpus_of(documents), len(documents)
-
-
-def same_tokenizer(entry, spec):
-    """Whether meta.json's tokenizer entry describes the tokenizer of this tokenizer_spec()."""
-    if not isinstance(spec, dict) or entry.get('kind') != spec.get('kind') or entry.get('name') != spec.get('name'):
-        return False
-    if entry['kind'] == 'bpe':
-        ranks = spec.get('ranks')
-        return (entry.get('pattern') == spec.get('pattern') and isinstance(ranks, str)
-                and entry.get('ranks_crc32') == zlib.crc32(ranks.encode()))
-    return entry.get('n_vocab') == spec.get('n_vocab')

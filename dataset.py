@@ -63,14 +63,49 @@ BUILTIN = ('shakespeare', 'tinyshakespeare', 'tinystories')   # prepare.py knows
 def prepare_command(data_dir, args=None):
     """The prepare command that makes data_dir, for error messages: with prepare.py's arguments where the
     caller knows them; otherwise a guess from the folder's name."""
-    if args is not None:
-        return shlex.join(['python', 'prepare.py', *args])
+    if args is not None:   # prepare.py by its full path where this is not the repo's folder
+        here = os.path.abspath('.') == os.path.dirname(os.path.abspath(__file__))
+        return shlex.join(['python', 'prepare.py' if here else os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                           'prepare.py'), *args])
     norm = os.path.normpath(data_dir)
     if norm == os.path.join('data', 'shakespeare'):
         return 'python prepare.py'
     if norm in (os.path.join('data', name) for name in BUILTIN[1:]):
         return f'python prepare.py --dataset={os.path.basename(norm)}'
     return 'python prepare.py CONFIG (the config and overrides you give train.py)'
+
+
+def remake_command(made_with, data_dir):
+    """The prepare command that makes a dataset again into data_dir, from the settings meta.json recorded
+    (meta['config']; checkpoints carry them as data['prepared_with'])."""
+    settings = {**made_with, 'data_dir': data_dir}
+    return prepare_command(data_dir, [f'--{k}={v}' for k, v in settings.items() if v != DATASET_DEFAULTS.get(k)])
+
+
+def split_of(meta):
+    """What tells two datasets of the same text and tokenizer apart: which documents went where."""
+    return {'train_tokens': meta['train_tokens'], 'val_tokens': meta['val_tokens'],
+            'val_names': meta['source']['val_names']}
+
+
+def differences(record, tokenizer_spec, meta):
+    """What differs between the data a checkpoint was trained on (its data record and tokenizer spec) and a
+    dataset's meta.json: a list of 'text', 'tokenizer', 'split' (empty: the same data)."""
+    same = {'text': record.get('source') == meta['source']['sha256'],
+            'tokenizer': same_tokenizer(meta['tokenizer'], tokenizer_spec),
+            'split': record.get('split') == split_of(meta)}
+    return [what for what, ok in same.items() if not ok]
+
+
+def same_tokenizer(entry, spec):
+    """Whether meta.json's tokenizer entry describes the tokenizer of this tokenizer_spec()."""
+    if not isinstance(spec, dict) or entry.get('kind') != spec.get('kind') or entry.get('name') != spec.get('name'):
+        return False
+    if entry['kind'] == 'bpe':
+        ranks = spec.get('ranks')
+        return (entry.get('pattern') == spec.get('pattern') and isinstance(ranks, str)
+                and entry.get('ranks_crc32') == zlib.crc32(ranks.encode()))
+    return entry.get('n_vocab') == spec.get('n_vocab')
 
 
 META_TYPES = {'format': int, 'dataset': str, 'source': dict, 'tokenizer': dict, 'n_vocab': int, 'dtype': str,

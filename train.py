@@ -124,9 +124,7 @@ def main(argv):
         heartbeat.beat('building the model')
         model, raw_model, optimizers, scaler, state = build(cfg, mconf, run, ckpt, recompute)
         ckpt = None   # free the memory-mapped file
-        enc = ds.load_tokenizer(data.tok_spec)
-        token_bytes = torch.tensor([len(b) for b in ds.text_bytes(enc, mconf.vocab_size)], device=run.dev,
-                                   dtype=torch.float32)   # bits per byte: each target's UTF-8 bytes
+        token_bytes = bytes_per_token(data, mconf, run)
         log = Log(cfg, run, state, mconf.block_size)
         announce(cfg, mconf, data, run, raw_model, state, memory_line, log)
 
@@ -323,21 +321,15 @@ def open_data(cfg, argv, ckpt, held):
         if not os.path.exists(os.path.join(ddir, 'meta.json')):
             check_preparable(cfg, ddir, any(path for _, _, path in given))
     else:   # the settings that made the checkpoint's data, into this folder
-        made = ckpt['data']['prepared_with']
-        cmd = ds.prepare_command(ddir, [f'--{k}={v}' for k, v in made.items() if v != ds.DATASET_DEFAULTS.get(k)]
-                                 + [f'--data_dir={ddir}'])
+        cmd = ds.remake_command(ckpt['data']['prepared_with'], ddir)
     meta = ds.read_meta(ddir, cmd)
     tok_spec = ds.tokenizer_spec(ddir, meta, cmd)
-    if ckpt is not None:
-        rec = ckpt['data']
-        differs = [what for what, same in (('text', rec['source'] == meta['source']['sha256']),
-                                            ('tokenizer', ckpt['tokenizer'] == tok_spec),
-                                            ('split', rec['split'] == split_of(meta))) if not same]
-        if differs:
-            fresh = f"{os.path.normpath(ddir)}-{uuid.uuid4().hex[:6]}"
-            raise UserError(f"{ddir} is not the data the checkpoint was trained on (its {' and '.join(differs)} "
-                            f"differ{'s' if len(differs) == 1 else ''}): make that data with `{cmd[:cmd.rindex(' --data_dir=')]} "
-                            f"--data_dir={fresh}` and resume with --data_dir={fresh}")
+    differs = ckpt and ds.differences(ckpt['data'], ckpt['tokenizer'], meta)
+    if differs:
+        fresh = f"{os.path.normpath(ddir)}-{uuid.uuid4().hex[:6]}"
+        raise UserError(f"{ddir} is not the data the checkpoint was trained on (its {' and '.join(differs)} "
+                        f"differ{'s' if len(differs) == 1 else ''}): make that data with "
+                        f"`{ds.remake_command(ckpt['data']['prepared_with'], fresh)}` and resume with --data_dir={fresh}")
     return Data(ddir, meta, tok_spec, {s: os.path.join(ddir, f'{s}.bin') for s in ('train', 'val')}, cmd)
 
 
@@ -350,12 +342,6 @@ def check_preparable(cfg, ddir, from_files):
         raise UserError(f"no dataset in {ddir}: prepare the text of '{cfg['dataset']}' first, `python prepare.py "
                         f"--dataset={cfg['dataset']} --input=YOUR_FILES` (or --url=URL), then train with the same "
                         f"--dataset")
-
-
-def split_of(meta):
-    """What tells two datasets of the same text and tokenizer apart: which documents went where."""
-    return {'train_tokens': meta['train_tokens'], 'val_tokens': meta['val_tokens'],
-            'val_names': meta['source']['val_names']}
 
 
 def check_data(data, mconf):
@@ -500,7 +486,7 @@ def save_checkpoints(cfg, run, raw_model, model, optimizers, scaler, state, data
     rngs['data'] = state['data_rng'].bit_generator.state
     ck = {'model': weights, 'model_args': dataclasses.asdict(mconf), 'iter_num': it, 'config': cfg,
           'tokenizer': data.tok_spec, 'run_id': state['run_id'],
-          'data': {'dir': data.dir, 'source': data.meta['source']['sha256'], 'split': split_of(data.meta),
+          'data': {'dir': data.dir, 'source': data.meta['source']['sha256'], 'split': ds.split_of(data.meta),
                    'prepared_with': data.meta['config']}}
     if better:
         state['best_val'] = ev['val_loss']
@@ -585,6 +571,12 @@ def evaluate(model, raw_model, data, dtype, cfg, block_size, dev, autocast, toke
     return out
 
 
+def bytes_per_token(data, mconf, run):
+    """For bits per byte: each token id's UTF-8 bytes in the text (0 for <|endoftext|>), on the device."""
+    enc = ds.load_tokenizer(data.tok_spec)
+    return torch.tensor([len(b) for b in ds.text_bytes(enc, mconf.vocab_size)], dtype=torch.float32, device=run.dev)
+
+
 def score(model, X, Y, autocast, token_bytes):
     """(nats of all targets, nats of the targets that are text, their UTF-8 bytes, targets) of one batch."""
     with autocast:
@@ -613,9 +605,9 @@ def evaluate_whole(model, raw_model, path, dtype, block_size, batch_size, run, t
     sums = torch.zeros(4, dtype=torch.float64)
     progress = cli.Progress("  scoring the whole val split", total=len(starts), unit='windows') if run.master else None
     for i in range(0, len(starts), batch_size):
-        group = [s for s in starts[i:i + batch_size]]
-        full = [s for s in group if s + block_size + 1 <= len(data)]
-        for part in (full, [s for s in group if s not in full]):   # the short last window on its own
+        group = starts[i:i + batch_size]
+        short = group[-1] + block_size + 1 > len(data)   # the last window: scored in a batch of its own
+        for part in ((group[:-1], group[-1:]) if short else (group,)):
             if part:
                 n = min(block_size, len(data) - 1 - part[0])
                 x = torch.from_numpy(np.stack([data[s:s + n] for s in part]).astype(np.int64)).to(run.dev)
@@ -637,12 +629,9 @@ def score_checkpoint(ckpt, mconf, data, cfg, run):
     model = DeepSeekLM(mconf)
     model.load_state_dict(ckpt['model'])
     model.to(run.dev)
-    enc = ds.load_tokenizer(data.tok_spec)
-    token_bytes = torch.tensor([len(b) for b in ds.text_bytes(enc, mconf.vocab_size)], dtype=torch.float32,
-                               device=run.dev)
     result = {'kind': 'final', 'iter': ckpt['iter_num'],
               **evaluate_whole(model, model, data.bins['val'], data.meta['dtype'], mconf.block_size,
-                               cfg['batch_size'], run, token_bytes)}
+                               cfg['batch_size'], run, bytes_per_token(data, mconf, run))}
     if run.master:
         print(whole_val_line(result))
         print(json.dumps(result))

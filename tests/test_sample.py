@@ -398,7 +398,7 @@ def prepared(data_dir):
     """Prepare two plays into data_dir; returns the ck['data'] that train.py records for them."""
     prepare.main([f'--data_dir={data_dir}', '--max_docs=2', '--val_docs=1', '--vocab_size=300'])
     meta = dataset.read_meta(data_dir)
-    return {'dir': data_dir, 'source': meta['source']['sha256'], 'split': train.split_of(meta),
+    return {'dir': data_dir, 'source': meta['source']['sha256'], 'split': dataset.split_of(meta),
             'prepared_with': meta['config']}
 
 
