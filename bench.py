@@ -468,8 +468,8 @@ def row_memory(args, device, out):
     """Memory of a config/deepseek.py step, counted rather than timed (memory.py): weights, gradients and
     AdamW state, the tensors saved for backward at the config's batch under bf16 autocast, with and
     without activation checkpointing; and for common GPUs the largest batch (x 1,024 tokens) that fits
-    without checkpointing, with it, and sharded over two GPUs with FSDP. --quick: a 2-layer model."""
-    cfg = load_config('deepseek.py', **({'n_layer': 2} if args.quick else {}))
+    without checkpointing, with it, and sharded over two GPUs with FSDP. --quick: the mini config's."""
+    cfg = load_config('deepseek_mini.py' if args.quick else 'deepseek.py')
     mconf, B = model_config(cfg), cfg['batch_size']
     for on in (False, True):
         est = memory.estimate(mconf, B, True, on)
@@ -583,8 +583,8 @@ def print_table(out):
         verdict = '' if goal is None or value is None or out['quick'] else ('ok' if value >= goal else 'BELOW')
         print(f"{key:26s} {shown:>8s}   {'>= ' + format(goal, 'g') + '  ' + verdict if goal else unit}")
     if out.get('gpus'):
-        print("largest batch (x 1,024 tokens) of config/deepseek.py per GPU: without / with activation "
-              "checkpointing / with it and FSDP over 2 GPUs")
+        print(f"largest batch (x 1,024 tokens) of config/{'deepseek_mini' if out['quick'] else 'deepseek'}.py per GPU: "
+              "without / with activation checkpointing / with it and FSDP over 2 GPUs")
         for name, fits in out['gpus'].items():
             print(f"  {name:24s} {fits['no_checkpointing']:>4d} {fits['checkpointing']:>4d} {fits['fsdp_2_gpus']:>4d}")
     note = ', --quick: smoke sizes, not the real figures' if out['quick'] else ''

@@ -44,6 +44,18 @@ def _saved_bytes(fields, low_precision):
     return (block[0] - 16 * per_token_block, per_token_block), (rest[0] - 16 * per_token_rest, per_token_rest)
 
 
+def param_counts(mconf):
+    """(all parameters, one block's), from a model on the meta device: sizes without values."""
+    return _param_counts(tuple(sorted(vars(mconf).items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _param_counts(fields):
+    with torch.device('meta'):
+        model = DeepSeekLM(ModelConfig(**dict(fields)))
+    return model.num_params(), sum(p.numel() for p in model.blocks[0].parameters())
+
+
 def count_saved(mconf, low_precision, lengths=(16, 32)):
     """Bytes of the distinct storages autograd saves for one forward of 1 x T tokens, for each T in lengths."""
     torch.manual_seed(0)
@@ -66,10 +78,7 @@ def count_saved(mconf, low_precision, lengths=(16, 32)):
 
 def estimate(mconf, batch_size, low_precision, checkpointing, shards=1):
     """Bytes of one micro-step of batch_size x block_size tokens: a dict of state, saved, transient, total."""
-    with torch.device('meta'):
-        model = DeepSeekLM(mconf)
-    n_params = model.num_params()
-    block_params = sum(p.numel() for p in model.blocks[0].parameters())
+    n_params, block_params = param_counts(mconf)
     (per_block, per_token_block), (rest, per_token_rest) = saved_bytes(mconf, low_precision)
     tokens = batch_size * mconf.block_size
     one_block = per_block + tokens * per_token_block
@@ -109,8 +118,7 @@ def plan(mconf, batch_size, accum, low_precision, memory, shards, checkpointing)
     if memory is None:   # a device that does not say (MPS): no automatic choice, no refusal
         on = bool(checkpointing)
         return on, estimate(mconf, batch_size, low_precision, on, shards), 'memory: the device does not report its size'
-    with torch.device('meta'):
-        state = 16 * DeepSeekLM(mconf).num_params() / shards
+    state = 16 * param_counts(mconf)[0] / shards
     if state > HEADROOM * memory:   # refused before anything is counted: the weights alone do not fit
         raise ValueError(refusal(mconf, batch_size, accum, low_precision, memory, shards, True,
                                  {'total': state}, weights_only=True))

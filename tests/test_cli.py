@@ -257,9 +257,8 @@ def test_every_script_takes_both_spellings_and_strict_bools(script, tmp_path):
     bool_flag = {'prepare.py': '--force', 'train.py': '--overwrite', 'sample.py': '--compile',
                  'bench.py': '--quick', 'plot_log.py': None}[script]
     runs = [[f'{flag}={bad}'], [flag, bad]] + ([[f'{bool_flag}=maybe']] if bool_flag else [])
-    for argv in runs:
-        p = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
-                           cwd=tmp_path, timeout=120)
+    for argv, p in zip(runs, run_together([[sys.executable, os.path.join(ROOT, script), *argv] for argv in runs],
+                                          tmp_path)):
         assert p.returncode == 2, (argv, p.stdout, p.stderr)
         assert p.stderr.count('\n') == 1 and 'Traceback' not in p.stderr, (argv, p.stderr)
         assert (message if argv != runs[-1] or not bool_flag else 'expects a bool') in p.stderr, (argv, p.stderr)
@@ -270,16 +269,22 @@ def test_every_script_lists_its_keys_on_help(script, tmp_path):
     """--help prints the script's own docstring and each key it takes with its default, exit 0, and
     nothing else (no data read, no folder locked); only lowercase settings are keys."""
     flag = SCRIPTS[script][0]
-    p = subprocess.run([sys.executable, os.path.join(ROOT, script), '--help'], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120)
+    p, head = run_together([[sys.executable, os.path.join(ROOT, script), '--help'],
+                            f'{sys.executable} {os.path.join(ROOT, script)} --help | head -1'], tmp_path)
     assert p.returncode == 0 and p.stderr == '', p.stderr
     assert f'usage: python {script}' in p.stdout and f'\n  {flag}=' in p.stdout
     assert 'python ' + script in p.stdout.split('usage:')[0]   # the docstring's examples come first
     assert '--EOT' not in p.stdout and os.listdir(tmp_path) == []
     # a reader that stops early (`| head -1`) costs no error message
-    p = subprocess.run(f'{sys.executable} {os.path.join(ROOT, script)} --help | head -1', shell=True,
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert p.stdout.count('\n') == 1 and p.stderr == '', p.stderr
+    assert head.stdout.count('\n') == 1 and head.stderr == '', head.stderr
+
+
+def run_together(commands, cwd):
+    """Run the commands (argv lists, or shell lines) side by side; their CompletedProcess, in order."""
+    procs = [subprocess.Popen(c, shell=isinstance(c, str), cwd=cwd, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for c in commands]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
 
 
 # ----------------------------------------------------------------------------------------------
