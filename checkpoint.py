@@ -22,6 +22,12 @@ except ImportError:   # Windows: folders are not locked
 # half-written file in place of the last good one; checksummed, so a damaged file is refused.
 
 CKPT_FORMAT = 'deepseek-nano/3'
+NAMES = {'last': 'ckpt.pt', 'best': 'ckpt_best.pt'}   # the files train.py writes, as --ckpt and --eval_only name them
+
+
+def named(out_dir, which):
+    """The checkpoint file that which ('last', 'best' or a path) means for a run in out_dir."""
+    return os.path.join(out_dir, NAMES[which]) if which in NAMES else which
 
 
 def save_checkpoint(ckpt, path):

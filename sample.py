@@ -238,9 +238,8 @@ def weights_left_empty():
 def checkpoint_path(cfg):
     """The checkpoint file to read: a regular file, or a UserError that names what is there instead (a folder,
     a pipe or a device, which would hang the reader) or how to make it."""
-    names = {'last': 'ckpt.pt', 'best': 'ckpt_best.pt'}
-    out_dir = cfg['out_dir']
-    path = os.path.join(out_dir, names[cfg['ckpt']]) if cfg['ckpt'] in names else cfg['ckpt']
+    names, out_dir = checkpoint.NAMES, cfg['out_dir']
+    path = checkpoint.named(out_dir, cfg['ckpt'])
     if cfg['ckpt'] in names and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"out_dir {out_dir} is not a folder: give the folder a training run wrote (--out_dir=FOLDER)")
     if not os.path.exists(path):

@@ -245,9 +245,7 @@ def resume_point(cfg, given, run):
     recipe the run started with: only --key overrides change it, and each change is printed old -> new."""
     out = cfg['out_dir']
     if cfg['eval_only']:
-        names = {'last': 'ckpt.pt', 'best': 'ckpt_best.pt'}
-        path = os.path.join(out, names[cfg['eval_only']]) if cfg['eval_only'] in names else cfg['eval_only']
-        ckpt = checkpoint.load_checkpoint(path)[0]
+        ckpt = checkpoint.load_checkpoint(checkpoint.named(out, cfg['eval_only']))[0]
         for k in ('dataset', 'data_dir'):   # scored on the data it was trained on, unless told otherwise
             cfg[k] = cfg[k] if k in given else ckpt['config'][k]
         return ckpt, cfg
