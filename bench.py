@@ -1,7 +1,7 @@
 """
 How close each part of the model runs to what this machine can do.
 
-    python bench.py                # the table (CUDA when present, else CPU); a few minutes on 2 CPU cores
+    python bench.py                # the table, on the device --device picks (auto: cuda > mps > cpu)
     python bench.py --json         # the same, plus one JSON object on the last line
     python bench.py --quick        # smoke run: small sizes, few repeats, no compilation (seconds)
     python bench.py --only=moe_vs_dense,cache_speedup
@@ -492,7 +492,7 @@ ROWS = [row_train_vs_mm, row_step_vs_gemm_floor, row_moe_vs_dense, row_latent_at
 DEFAULTS = dict(
     json=False,     # also print one JSON object on the last line
     quick=False,    # smoke run: small sizes, few repeats, no torch.compile
-    device='auto',  # 'auto' = cuda if present, else cpu
+    device='auto',  # 'auto' = cuda > mps > cpu
     only='',        # comma-separated row names to run, e.g. moe_vs_dense
     profile=False,  # instead: where the time of config/deepseek_mini.py's eager train step goes, op by op
 )

@@ -77,7 +77,7 @@ def load_checkpoint(path, parts=('model',)):
 
 def checksum(obj, crc=0):
     """CRC-32 of every byte of obj, in order: tensors (their dtype, shape and raw bytes), nested dicts, lists,
-    numbers and strings. Any changed, swapped or missing byte changes it (a CRC runs at about 2 GB/s)."""
+    numbers and strings. Any changed, swapped or missing byte changes it."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach().reshape(-1).contiguous().cpu()
         crc = zlib.crc32(f"{t.dtype}{tuple(obj.shape)}".encode(), crc)

@@ -1,7 +1,7 @@
 """
 The command line every script shares: config files and --key=value overrides, the device they choose,
 progress on the terminal, and one-line errors (UserError, run). No script imports another script; they
-import this module, dataset.py, checkpoint.py and model.py.
+share this module and the other modules beside it (dataset, checkpoint, model, memory, optim, copycheck).
 """
 
 import ast

@@ -558,10 +558,10 @@ class DeepSeekLM(nn.Module):
         rate = self.config.balance_rate
         for c, r in zip(counts, self.routers()):
             r.expert_bias += rate * torch.sign(c.mean() - c)
-            if c.sum() > 0:
-                r.expert_load.mul_(ema).add_((1 - ema) * c / c.sum())
+            share = torch.where(c.sum() > 0, c / c.sum().clamp(min=1), r.expert_load)   # no tokens: kept as is
+            r.expert_load.mul_(ema).add_((1 - ema) * share)
         self.reset_expert_counts()
-        # tensors, not lists: converting would wait for the GPU at every step
+        # tensors, not Python numbers or lists: converting would wait for the GPU at every step
         return {'max_vio': max_violation(counts), 'load': counts / counts.sum(1, keepdim=True).clamp(min=1)}
 
     # --- training ---------------------------------------------------------------------------------

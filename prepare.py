@@ -57,9 +57,9 @@ TOKENIZER_SAMPLE_CHARS = 100 * 2**20   # the BPE learns from at most this much t
 VAL_FRACTION = 0.1                     # of a single file's bytes
 PIECE_CHARS = 2**20                    # long documents are tokenized in pieces of about this size
 
-CONNECT_TIMEOUT, READ_TIMEOUT = 10, 15   # a server that never answers costs (1 + READ_RETRIES) * READ_TIMEOUT s
+CONNECT_TIMEOUT, READ_TIMEOUT = 10, 15   # a server that never answers costs (1 + READ_RETRIES) * READ_TIMEOUT s and the waits
 CONNECT_RETRIES, READ_RETRIES, STATUS_RETRIES = 2, 2, 4   # the last for 429 and 5xx answers
-RETRY_BACKOFF = 1.0                    # seconds before the second retry, doubling after
+RETRY_BACKOFF = 1.0                    # urllib3's factor: the first retry at once, the second after 2 s, doubling after
 CHUNK_BYTES = 2**16                    # read from the network at a time: a cut loses at most this much
 STALL_SECONDS = 150                    # the headers (with retries), then each chunk, must come within this
 
@@ -315,7 +315,7 @@ def train_bpe(pieces, vocab_size):
         seen += len(text)
     if not seen:
         raise UserError("the train split is empty: nothing to train the tokenizer on (give more text)")
-    # rustbpe reports nothing while it works (minutes for 100 MB): say what it does, and that it still does
+    # rustbpe reports nothing while it works, however long a big text takes: say what it does, and that it still does
     print(f"training a {vocab_size:,}-token BPE on {seen / 1e6:,.1f}M characters of text ...", flush=True)
     heartbeat = cli.Heartbeat()
     heartbeat.beat('training the BPE')

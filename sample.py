@@ -50,7 +50,7 @@ top_k = 200                # sample among the k likeliest tokens only (0 = all)
 top_p = 1.0                # nucleus: the smallest set of tokens holding this much probability (1.0 = all)
 seed = 1337                # same seed, same checkpoint, same flags: same samples
 device = 'auto'            # 'auto' = cuda > mps > cpu
-dtype = 'auto'             # 'auto' = bfloat16 on CUDA if supported, float32 elsewhere; or float32/bfloat16/float16
+dtype = 'auto'             # 'auto' = bfloat16 on CUDA if supported (else float16), float32 elsewhere; or float32/bfloat16/float16
 compile = False            # torch.compile the model (pays off for long generations on a GPU)
 use_cache = True           # False = recompute the whole window for every token (slow; for comparison)
 copy_check = True          # report each sample's longest span shared with the training text (when that data is here)
@@ -221,7 +221,7 @@ class Printer:
 @contextlib.contextmanager
 def weights_left_empty():
     """While the model is built, its weights are allocated but not drawn at random: load_state_dict (strict)
-    overwrites every one, and the full-size model's 680M random numbers take 10-30 s on a CPU. Buffers that
+    overwrites every one, so the full-size model's 680M random numbers would be drawn for nothing. Buffers that
     checkpoints do not hold (RoPE tables, counters) are built as usual: they do not come from torch.nn.init."""
     names = ('normal_', 'uniform_', 'kaiming_uniform_', 'kaiming_normal_', 'trunc_normal_', 'xavier_uniform_',
              'xavier_normal_')

@@ -46,7 +46,7 @@ final_eval = True          # at the end, score the final model on the whole vali
 eval_iters = 20            # batches per split per evaluation (the same windows every time)
 log_interval = 10
 ckpt_interval = 0          # write ckpt.pt every this many iterations, at an evaluation (0 = every evaluation);
-                           # ckpt_best.pt (weights only) whenever val loss improves; both at the end
+                           # ckpt.pt always at the end; ckpt_best.pt (weights only) whenever val loss improves
 seed = 1337
 # data: made by `python prepare.py` with the same config
 dataset = 'shakespeare'
@@ -702,7 +702,7 @@ class Log:
 
     def step(self, it, loss, grad_norm, balance, timing, lr):
         step_s, eta = timing
-        if self.run.distributed:   # the mean loss of all ranks' micro-batches: the global batch's
+        if self.run.distributed:   # the mean over ranks of each one's last micro-batch loss
             torch.distributed.all_reduce(loss)
             loss = loss / self.run.world
         lossf = loss.item()
