@@ -124,19 +124,17 @@ def fwd_bwd(f, ctx, tensors):
     return run
 
 
-def train_step(model, loss_of, device, optimizer=None, after_step=lambda: None):
-    """One iteration of train.py's loop on a fixed batch: loss_of(model) (the forward, under autocast),
-    backward, grad clip, the optimizer (default: fused AdamW over all parameters), zero_grad, after_step()."""
+def train_step(model, loss_of, device):
+    """One training step of another library's model, as train.py takes ours on a fixed batch: loss_of(model)
+    (the forward, under autocast), backward, grad clip, fused AdamW over all parameters, zero_grad."""
     params = list(model.parameters())
-    opt = optimizer or torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                         fused=device.type in ('cuda', 'cpu'))
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type in ('cuda', 'cpu'))
 
     def step():
         loss_of(model).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        after_step()
     return step
 
 

@@ -5,6 +5,7 @@ when damaged), other files written atomically, and the locks that keep two proce
 
 import os
 import zlib
+from contextlib import contextmanager
 
 import torch
 
@@ -31,21 +32,33 @@ def named(out_dir, which):
 
 
 def save_checkpoint(ckpt, path):
-    """torch.save ckpt (a dict) with the checksum of each part, to path + '.tmp', flushed to disk, renamed."""
+    """torch.save ckpt (a dict) with the checksum of each part, written whole or not at all (write_atomic)."""
     ckpt = {**ckpt, 'format': CKPT_FORMAT, 'checksum': {k: checksum(v) for k, v in ckpt.items()}}
-    tmp = path + '.tmp'
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: torch.save(ckpt, f))
     except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         kept = f"{path} is unchanged" if os.path.exists(path) else "no checkpoint was written"
-        raise UserError(f"cannot write {tmp} ({reason}): free disk space or choose another --out_dir ({kept})") from None
+        raise UserError(f"cannot write {path}.tmp ({reason}): free disk space or choose another --out_dir "
+                        f"({kept})") from None
+
+
+@contextmanager
+def weights_left_empty():
+    """While a model is built, its weights are allocated but not drawn at random: for a model that a
+    checkpoint fills (load_state_dict, strict, overwrites every weight, so the full-size model's 680M random
+    numbers would be drawn for nothing). Buffers that checkpoints do not hold (RoPE tables, counters) are
+    built as usual: they do not come from torch.nn.init."""
+    names = ('normal_', 'uniform_', 'kaiming_uniform_', 'kaiming_normal_', 'trunc_normal_', 'xavier_uniform_',
+             'xavier_normal_')
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
     finally:
-        remove(tmp)
+        for name, init in saved.items():
+            setattr(torch.nn.init, name, init)
 
 
 def load_checkpoint(path, parts=('model',)):
@@ -139,12 +152,13 @@ def remove(*paths):
         os.remove(path)
 
 
-def write_atomic(path, data):
-    """Write bytes to path + '.tmp', flush it to disk, rename it over path."""
+def write_atomic(path, write):
+    """A file written whole or not at all: write(f) fills path + '.tmp', which is flushed to disk and renamed
+    over path (a crash or a full disk leaves path as it was)."""
     tmp = path + '.tmp'
     try:
         with open(tmp, 'wb') as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

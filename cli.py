@@ -10,6 +10,7 @@ import difflib
 import inspect
 import math
 import os
+import shlex
 import sys
 import threading
 import time
@@ -95,6 +96,17 @@ def split_argv(argv, defaults):
         else:
             items.append((None, None, arg))
     return items
+
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def repo_command(script, args):
+    """The command line that runs the repo's script with args from here, for advice in messages: `python
+    script.py ...` in the repo's folder, the script's full path from any other (paths in args stay relative
+    to here, as the scripts take them)."""
+    path = script if os.path.abspath('.') == ROOT else os.path.join(ROOT, script)
+    return shlex.join(['python', path, *args])
 
 
 def print_help(defaults):

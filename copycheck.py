@@ -14,7 +14,6 @@ give a wrong answer. sample.py prints how long the check took.
 import contextlib
 
 import os
-import shlex
 
 import numpy as np
 
@@ -157,16 +156,6 @@ def matches(big, text, places, L):
 
 # ----------------------------------------------------------------------------------------------
 # The training text of a checkpoint
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def repo_command(script, args):
-    """The command line that runs the repo's script with args from here: `python script.py ...` in the repo's
-    folder, the script's full path from any other (paths in args stay relative to here, as the scripts take them)."""
-    path = script if os.path.abspath('.') == ROOT else os.path.join(ROOT, script)
-    return shlex.join(['python', path, *args])
-
 
 def training_text(data, tokenizer_spec):
     """(code points of the training text, number of documents) of a checkpoint, from ck['data'] and

@@ -10,7 +10,6 @@ import errno
 import itertools
 import json
 import os
-import shlex
 import shutil
 import time
 import zlib
@@ -63,10 +62,8 @@ BUILTIN = ('shakespeare', 'tinyshakespeare', 'tinystories')   # prepare.py knows
 def prepare_command(data_dir, args=None):
     """The prepare command that makes data_dir, for error messages: with prepare.py's arguments where the
     caller knows them; otherwise a guess from the folder's name."""
-    if args is not None:   # prepare.py by its full path where this is not the repo's folder
-        here = os.path.abspath('.') == os.path.dirname(os.path.abspath(__file__))
-        return shlex.join(['python', 'prepare.py' if here else os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                           'prepare.py'), *args])
+    if args is not None:
+        return cli.repo_command('prepare.py', args)
     norm = os.path.normpath(data_dir)
     if norm == os.path.join('data', 'shakespeare'):
         return 'python prepare.py'

@@ -21,7 +21,6 @@ out; it ends at the first <|endoftext|> the model emits.
 """
 
 import codecs
-import contextlib
 import glob
 import os
 import shlex
@@ -83,7 +82,7 @@ def main(argv):
     ck, mconf = checkpoint.load_checkpoint(path)
     enc = dataset.load_tokenizer(ck['tokenizer'])
     eot = enc.encode_single_token(EOT)
-    with torch.device(dev), weights_left_empty():   # built on the device, its weights all loaded next
+    with torch.device(dev), checkpoint.weights_left_empty():   # built on the device, its weights all loaded next
         model = DeepSeekLM(mconf)
     try:
         model.load_state_dict(ck['model'])
@@ -218,23 +217,6 @@ class Printer:
         return ''.join(self.parts)[:-1]
 
 
-@contextlib.contextmanager
-def weights_left_empty():
-    """While the model is built, its weights are allocated but not drawn at random: load_state_dict (strict)
-    overwrites every one, so the full-size model's 680M random numbers would be drawn for nothing. Buffers that
-    checkpoints do not hold (RoPE tables, counters) are built as usual: they do not come from torch.nn.init."""
-    names = ('normal_', 'uniform_', 'kaiming_uniform_', 'kaiming_normal_', 'trunc_normal_', 'xavier_uniform_',
-             'xavier_normal_')
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    for name in names:
-        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, init in saved.items():
-            setattr(torch.nn.init, name, init)
-
-
 def checkpoint_path(cfg):
     """The checkpoint file to read: a regular file, or a UserError that names what is there instead (a folder,
     a pipe or a device, which would hang the reader) or how to make it."""
@@ -256,15 +238,15 @@ def checkpoint_path(cfg):
 def train_command(out_dir):
     """The command that trains into out_dir when run from here (out_dir is relative to here, as train.py's
     is): train.py with the repo's config file that names that folder, where there is one, else with --out_dir."""
-    for path in sorted(glob.glob(os.path.join(copycheck.ROOT, 'config', '*.py'))):
+    for path in sorted(glob.glob(os.path.join(cli.ROOT, 'config', '*.py'))):
         try:
             cfg, _ = cli.parse_config([path], {'out_dir': ''}, skip_file_keys=True)
         except UserError:
             continue   # a config that only runs from the repo root, say
         if cfg['out_dir'] and os.path.abspath(cfg['out_dir']) == os.path.abspath(out_dir):
-            here = os.path.abspath('.') == copycheck.ROOT
-            return copycheck.repo_command('train.py', [os.path.relpath(path) if here else path])
-    return copycheck.repo_command('train.py', [f'--out_dir={out_dir}'])
+            here = os.path.abspath('.') == cli.ROOT
+            return cli.repo_command('train.py', [os.path.relpath(path) if here else path])
+    return cli.repo_command('train.py', [f'--out_dir={out_dir}'])
 
 
 def read_prompts(start):

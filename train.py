@@ -371,8 +371,7 @@ def plan_memory(cfg, mconf, run):
     except ValueError as e:
         raise UserError(f"{e} (estimate for {run.dev}, {str(run.ptdtype).removeprefix('torch.')}, "
                         f"batch {cfg['batch_size']} x {mconf.block_size})") from None
-    with torch.device('meta'):
-        need = 16 * DeepSeekLM(mconf).num_params()   # ckpt.pt 12 bytes per parameter, ckpt_best.pt 4
+    need = 16 * memory.param_counts(mconf)[0]   # ckpt.pt 12 bytes per parameter, ckpt_best.pt 4
     out = cfg['out_dir']
     free = shutil.disk_usage(out if os.path.isdir(out) else '.').free
     if need > free:
@@ -405,7 +404,8 @@ def build(cfg, mconf, run, ckpt, recompute):
     """(model as trained: wrapped for DDP or FSDP, the model itself, optimizers, loss scaler, state): state
     holds the iteration, best val loss, data sampler and run id, fresh or from the checkpoint."""
     torch.manual_seed(cfg['seed'])   # the same initial weights on every rank (FSDP shards them as they are)...
-    model = DeepSeekLM(mconf)
+    with checkpoint.weights_left_empty() if ckpt is not None else contextlib.nullcontext():   # a resume loads them all
+        model = DeepSeekLM(mconf)
     if run.distributed:
         torch.manual_seed(cfg['seed'] + run.rank)   # ...and each rank its own dropout and jitter
     model.activation_checkpointing = recompute
@@ -535,8 +535,13 @@ def get_batch(path, dtype, batch_size, block_size, rng, device, rank=0, world=1)
     memmap is opened per batch so memory never grows."""
     data = np.memmap(path, dtype=dtype, mode='r')
     ix = rng.integers(0, len(data) - block_size, size=batch_size * world)[rank * batch_size:(rank + 1) * batch_size]
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    return windows(data, ix, block_size, device)
+
+
+def windows(data, starts, n, device):
+    """(inputs, targets) of the windows of n tokens of data at starts, the targets one token on, on device."""
+    x = torch.from_numpy(np.stack([data[s:s + n] for s in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[s + 1:s + 1 + n] for s in starts]).astype(np.int64))
     if device.startswith('cuda'):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -607,9 +612,7 @@ def evaluate_whole(model, raw_model, path, dtype, block_size, batch_size, run, t
         short = group[-1] + block_size + 1 > len(data)   # the last window: scored in a batch of its own
         for part in ((group[:-1], group[-1:]) if short else (group,)):
             if part:
-                n = min(block_size, len(data) - 1 - part[0])
-                x = torch.from_numpy(np.stack([data[s:s + n] for s in part]).astype(np.int64)).to(run.dev)
-                y = torch.from_numpy(np.stack([data[s + 1:s + 1 + n] for s in part]).astype(np.int64)).to(run.dev)
+                x, y = windows(data, part, min(block_size, len(data) - 1 - part[0]), run.dev)
                 sums += score(model, x, y, run.autocast, token_bytes)
         if progress:
             progress.update(min(i + batch_size, len(starts)))
@@ -624,7 +627,8 @@ def evaluate_whole(model, raw_model, path, dtype, block_size, batch_size, run, t
 
 def score_checkpoint(ckpt, mconf, data, cfg, run):
     """--eval_only: the checkpoint's model on the whole validation split, printed as one JSON record."""
-    model = DeepSeekLM(mconf)
+    with checkpoint.weights_left_empty():   # every weight comes from the checkpoint
+        model = DeepSeekLM(mconf)
     model.load_state_dict(ckpt['model'])
     model.to(run.dev)
     result = {'kind': 'final', 'iter': ckpt['iter_num'],
@@ -789,7 +793,7 @@ def keep_log_until(path, iter_num):
     log.jsonl holds every iteration once."""
     if os.path.exists(path):
         kept = [r for r in read_records(path) if r.get('iter', 0) <= iter_num and r.get('kind') not in ('summary', 'final')]
-        checkpoint.write_atomic(path, ''.join(json.dumps(r) + '\n' for r in kept).encode())
+        checkpoint.write_atomic(path, lambda f: f.write(''.join(json.dumps(r) + '\n' for r in kept).encode()))
 
 
 def diverged(what, out):

@@ -271,7 +271,7 @@ def test_every_weight_comes_from_the_checkpoint(tiny, capsys, tmp_path):
     normal = torch.nn.init.normal_
     assert 'does not fit model.py' in refused(capsys, [f'--ckpt={path}'])
     assert torch.nn.init.normal_ is normal
-    with sample.weights_left_empty():
+    with checkpoint.weights_left_empty():
         assert torch.nn.init.normal_ is not normal
     assert torch.nn.init.normal_ is normal
 
