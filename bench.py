@@ -52,7 +52,6 @@ import torch.nn as nn
 import cli
 import memory
 from model import DeepSeekLM, LatentTokenAttention, ModelConfig, MoE, apply_rope, attend, rope_tables
-from optim import optimizer_step
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL_KEYS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -124,9 +123,10 @@ def fwd_bwd(f, ctx, tensors):
     return run
 
 
-def train_step(model, loss_of, device):
-    """One training step of another library's model, as train.py takes ours on a fixed batch: loss_of(model)
-    (the forward, under autocast), backward, grad clip, fused AdamW over all parameters, zero_grad."""
+def train_step(model, loss_of, device, after=lambda: None):
+    """One training step as train.py's loop takes it, on a fixed batch: loss_of(model) (the forward, under
+    autocast), backward, grad clip, fused AdamW over all parameters, zero_grad, then after() (our model's
+    router-bias update)."""
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type in ('cuda', 'cpu'))
 
@@ -135,16 +135,23 @@ def train_step(model, loss_of, device):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        after()
     return step
+
+
+def compile_blocks(model):
+    """torch.compile each block in place, as train.py does: one compiled graph serves every layer."""
+    for block in model.blocks:
+        block.compile(fullgraph=True)
 
 
 _steps = {}
 
 
 def our_train_step(cfg, device, compiled):
-    """(step function, model FLOPs per step) of DeepSeekLM at cfg, trained as train.py trains it: the same
-    optimizer_step (forward, backward, grad clip, AdamW, router-bias update) on a fixed batch. Memoised:
-    several rows time the same compiled model and compilation is the slow part."""
+    """(step function, model FLOPs per step) of DeepSeekLM at cfg, trained as train.py trains it (AdamW,
+    train.py's default) on a fixed batch. Memoised: several rows time the same compiled model and
+    compilation is the slow part."""
     mconf = model_config(cfg)
     key = (repr(mconf), cfg['batch_size'], compiled)
     if key not in _steps:
@@ -154,12 +161,12 @@ def our_train_step(cfg, device, compiled):
         x = torch.randint(cfg['vocab_size'], (B, T + 1), device=device)
         _, ctx = autocast_for(device)
         if compiled:
-            model.compile_blocks()   # as train.py compiles it
-        optimizers = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)   # train.py's default AdamW
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
-        batches = [(x[:, :-1], x[:, 1:])]
-        _steps[key] = (lambda: optimizer_step(model, model, optimizers, scaler, batches, ctx, 1.0),
-                       model.flops_per_token(T) * B * T)
+            compile_blocks(model)
+
+        def loss_of(m):
+            with ctx:
+                return m(x[:, :-1], x[:, 1:])[1]
+        _steps[key] = (train_step(model, loss_of, device, model.update_router_bias), model.flops_per_token(T) * B * T)
     return _steps[key]
 
 
@@ -445,7 +452,7 @@ def row_compile_speedup(args, device, out):
             if way == 'whole':
                 model = torch.compile(model, fullgraph=True)
             else:
-                model.compile_blocks()
+                compile_blocks(model)
             sync(device)
             t0 = time.perf_counter()
             with ctx:
@@ -591,4 +598,4 @@ def print_table(out):
 
 if __name__ == '__main__':
     warnings.filterwarnings('ignore', message='.*TF32.*')   # allow_tf32 is deprecated in new torch; train.py sets it too
-    cli.run(main, sys.argv[1:])
+    cli.call_main(main, sys.argv[1:])

@@ -1,11 +1,11 @@
 """
 Files that must survive a crash: checkpoints (written beside and renamed into place, checksummed, refused
 when damaged), other files written atomically, and the locks that keep two processes out of one folder.
+(The run's log, log.jsonl, is runlog.py's.)
 """
 
 import os
 import zlib
-from contextlib import contextmanager
 
 import torch
 
@@ -26,11 +26,6 @@ CKPT_FORMAT = 'deepseek-nano/3'
 NAMES = {'last': 'ckpt.pt', 'best': 'ckpt_best.pt'}   # the files train.py writes, as --ckpt and --eval_only name them
 
 
-def named(out_dir, which):
-    """The checkpoint file that which ('last', 'best' or a path) means for a run in out_dir."""
-    return os.path.join(out_dir, NAMES[which]) if which in NAMES else which
-
-
 def save_checkpoint(ckpt, path):
     """torch.save ckpt (a dict) with the checksum of each part, written whole or not at all (write_atomic)."""
     ckpt = {**ckpt, 'format': CKPT_FORMAT, 'checksum': {k: checksum(v) for k, v in ckpt.items()}}
@@ -41,24 +36,6 @@ def save_checkpoint(ckpt, path):
         kept = f"{path} is unchanged" if os.path.exists(path) else "no checkpoint was written"
         raise UserError(f"cannot write {path}.tmp ({reason}): free disk space or choose another --out_dir "
                         f"({kept})") from None
-
-
-@contextmanager
-def weights_left_empty():
-    """While a model is built, its weights are allocated but not drawn at random: for a model that a
-    checkpoint fills (load_state_dict, strict, overwrites every weight, so the full-size model's 680M random
-    numbers would be drawn for nothing). Buffers that checkpoints do not hold (RoPE tables, counters) are
-    built as usual: they do not come from torch.nn.init."""
-    names = ('normal_', 'uniform_', 'kaiming_uniform_', 'kaiming_normal_', 'trunc_normal_', 'xavier_uniform_',
-             'xavier_normal_')
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    for name in names:
-        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, init in saved.items():
-            setattr(torch.nn.init, name, init)
 
 
 def load_checkpoint(path, parts=('model',)):

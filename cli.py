@@ -111,13 +111,15 @@ def repo_command(script, args):
 
 def print_help(defaults):
     """The running script's docstring, then every key it takes with its default."""
+    out = getattr(sys.stdout, 'stream', sys.stdout)   # not Stdout's: help has no work to go on with
     doc = (sys.modules['__main__'].__doc__ or '').strip()
-    print(doc + '\n' if doc else '', end='')
-    print(f"\nusage: python {os.path.basename(sys.argv[0])} [config/FILE.py ...] [--key=value | --key value ...]")
-    print("keys (default):")
+    print(doc + '\n' if doc else '', end='', file=out)
+    print(f"\nusage: python {os.path.basename(sys.argv[0])} [config/FILE.py ...] [--key=value | --key value ...]",
+          file=out)
+    print("keys (default):", file=out)
     for key in sorted(defaults):
-        print(f"  --{key}={defaults[key]!r}")
-    sys.stdout.flush()   # here, where run() can tell a reader that went away, not at exit
+        print(f"  --{key}={defaults[key]!r}", file=out)
+    out.flush()   # here, where call_main can tell a reader that went away, not at exit
 
 
 def unknown_key(key, defaults, where):
@@ -225,11 +227,44 @@ def check_ranges(cfg, rules):
             raise UserError(f"{key} must be {must}, got {show(cfg[key])}")
 
 
-LAST_OUTPUT = [0.0]   # when a script last printed a line (said()): a Heartbeat counts silence from then
+LAST_OUTPUT = [0.0]   # when a script last wrote to stdout: a Heartbeat counts silence from then
 
 
-def said():
-    LAST_OUTPUT[0] = time.time()
+class Stdout:
+    """sys.stdout for a script whose work does not depend on being watched (training, preparing data): when
+    its reader goes away (`| head`), or the file it goes to fills the disk, the work goes on without it,
+    and stderr says so once. Every write also tells the Heartbeat that the script is not silent."""
+
+    def __init__(self, stream, going_on):
+        self.stream, self.going_on, self.lost = stream, going_on, False
+
+    def write(self, text):
+        LAST_OUTPUT[0] = time.time()
+        if not self.lost:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError) as e:
+                self.lose(e)
+        return len(text)
+
+    def flush(self):
+        if not self.lost:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError) as e:
+                self.lose(e)
+
+    def lose(self, error):
+        self.lost = True
+        try:   # the stream's own later flushes (at exit, too) go nowhere instead of failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            pass
+        reason = 'its reader went away' if isinstance(error, BrokenPipeError) else getattr(error, 'strerror', None) or error
+        print(f"note: standard output is gone ({reason}); {self.going_on}", file=sys.stderr, flush=True)
+
+    def __getattr__(self, name):   # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
 
 
 class Progress:
@@ -269,8 +304,8 @@ class Progress:
 
 class Heartbeat:
     """For work that runs long without printing (a training step of a big model on a CPU): a background
-    thread says what is still running after every `every` seconds of silence. Call beat(what) as each
-    piece of work starts, said() after printing a line, and close() at the end."""
+    thread says what is still running after every `every` seconds of silence (counted from the last line
+    the script printed: LAST_OUTPUT). Call beat(what) as each piece of work starts, and close() at the end."""
 
     def __init__(self, every=25.0, active=True, stream=None):
         self.every, self.what, self.last, self.stream = every, '', time.time(), stream
@@ -302,22 +337,31 @@ def fmt_time(s):
 SMALLER = "ask for less at once (a smaller --batch_size, --block_size or --num_samples) or a smaller model"
 
 
-def run(main, *args):
-    """Call main(*args) the way every script's command line does: a UserError, an OS error (a path that
-    is a file, no permission, a full disk) or running out of memory is one line on stderr and exit code
-    2; Ctrl-C is exit code 130. Programming errors keep their traceback."""
+def call_main(main, *args, going_on_without_stdout=None):
+    """Call main(*args) the way every script's command line does: a UserError, an OS error (a path that is a
+    file, no permission, a full disk) or running out of memory is one line on stderr and exit code 2;
+    Ctrl-C is exit code 130. Programming errors keep their traceback. Under torchrun the first process
+    speaks for all: the others stay quiet about a problem they share, or one that stopped the first.
+    going_on_without_stdout: what the script does when its standard output goes away (Stdout); None:
+    it stops, quietly, with exit code 1 (a sampler whose reader is gone has no one to write for)."""
+    if going_on_without_stdout:
+        sys.stdout = Stdout(sys.stdout, going_on_without_stdout)
+    quiet = os.environ.get('RANK', '0') != '0'
     try:
         return main(*args)
     except UserError as e:
         message = str(e)
     except torch.OutOfMemoryError:
-        message = f"out of memory on the device: {SMALLER}"
+        message, quiet = f"out of memory on the device: {SMALLER}", False
     except MemoryError:
-        message = f"out of memory: {SMALLER}"
+        message, quiet = f"out of memory: {SMALLER}", False
     except RuntimeError as e:
-        if "can't allocate memory" not in str(e):   # the CPU allocator's own out-of-memory error
+        if "can't allocate memory" in str(e):   # the CPU allocator's own out-of-memory error
+            message, quiet = f"out of memory: {SMALLER}", False
+        elif quiet and torch.distributed.is_available() and isinstance(e, torch.distributed.DistError):
+            message = "lost the other processes"   # the first one stopped and said why
+        else:
             raise
-        message = f"out of memory: {SMALLER}"
     except BrokenPipeError:   # the reader of stdout went away (`| head`): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
@@ -327,7 +371,11 @@ def run(main, *args):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    print(f"error: {message}", file=sys.stderr)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not quiet:
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

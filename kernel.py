@@ -152,10 +152,6 @@ class GatherRows(torch.autograd.Function):
 RECOMPUTING = [False]   # True while a block's forward runs again for its backward
 
 
-def call(block, *args):
-    return block(*args)
-
-
 def checkpointed(block, *args):
     """block(*args), saving only the inputs for backward (torch.utils.checkpoint, non-reentrant). The
     random numbers (router jitter, expert dropout) repeat in the second forward, since checkpoint restores

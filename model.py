@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernel import RECOMPUTING, GatherRows, call, checkpointed, grouped_mm, linear_cross_entropy, matmul_dtype
+from kernel import RECOMPUTING, GatherRows, checkpointed, grouped_mm, linear_cross_entropy, matmul_dtype
 from optim import Muon
 
 
@@ -55,14 +55,15 @@ class ModelConfig:
     router_center: bool = True      # route each token on its input minus its sequence's running mean (Router)
 
     def __post_init__(self):
-        for name in ('vocab_size', 'n_layer', 'n_embd', 'block_size', 'n_head', 'n_kv_head', 'head_dim',
-                     'n_expert', 'n_expert_active', 'expert_hidden'):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ('n_latent', 'n_shared_expert', 'q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim',
-                     'qk_rope_head_dim', 'v_head_dim'):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        # sizes far beyond any model a machine can hold are refused here, before arithmetic on them overflows
+        for names, lo, hi in ((('vocab_size', 'block_size', 'expert_hidden'), 1, 2**24), (('n_layer',), 1, 1024),
+                              (('n_embd', 'n_head', 'n_kv_head', 'head_dim', 'n_expert', 'n_expert_active'), 1, 2**16),
+                              (('n_latent', 'n_shared_expert', 'q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim',
+                                'qk_rope_head_dim', 'v_head_dim'), 0, 2**16)):
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                    raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
         for name, choices in (('attention', ('latent', 'mla')), ('router_score', ('softmax', 'sigmoid'))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be '{choices[0]}' or '{choices[1]}', got {getattr(self, name)!r}")
@@ -470,6 +471,21 @@ class DeepSeekLM(nn.Module):
         self.activation_checkpointing = False
         self.reset_parameters()
 
+    @classmethod
+    def from_state_dict(cls, config, state, device='cpu'):
+        """The model with every weight from state (a checkpoint's), on device. It is built on the meta device
+        and filled, so none of its weights is drawn at random only to be overwritten; the buffers that
+        checkpoints do not hold (the RoPE tables, the routers' counters) are made afresh."""
+        with torch.device('meta'):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.lm_head.weight = model.wte.weight   # to_empty gives each module its own tensor: tie them again
+        model.load_state_dict(state)
+        cos, sin = rope_tables(config.rope_dim, config.block_size, config.rope_theta)
+        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+        model.reset_expert_counts()
+        return model
+
     def reset_parameters(self):
         """normal(0.02) everywhere; projections that write into the residual stream get 0.02/sqrt(2*n_layer)."""
         resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
@@ -524,8 +540,8 @@ class DeepSeekLM(nn.Module):
         x = self.wte(idx)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:   # with recompute, a block keeps only its input; backward runs it again
-            x = (checkpointed if recompute else call)(block, x, cos, sin, attn_mask, is_causal, cache,
-                                                      real if padded else None)
+            args = (x, cos, sin, attn_mask, is_causal, cache, real if padded else None)
+            x = checkpointed(block, *args) if recompute else block(*args)
         x = self.norm_f(x)
         if targets is None:
             return self.lm_head(x), None
@@ -584,12 +600,6 @@ class DeepSeekLM(nn.Module):
         if optimizer == 'adamw':
             return [adamw]
         return [adamw, Muon(matrices, lr=learning_rate, weight_decay=weight_decay)]
-
-    def compile_blocks(self):
-        """torch.compile each block on its own: one compiled graph serves all n_layer of them, in seconds
-        instead of the minutes of the unrolled whole model."""
-        for block in self.blocks:
-            block.compile(fullgraph=True)
 
     # --- generation -------------------------------------------------------------------------------
 

@@ -1,35 +1,9 @@
 """
-How the weights are updated: one optimizer step, as train.py and bench.py both take it, and Muon, the
-optimizer for the blocks' weight matrices with --optimizer=muon (AdamW, from torch, takes the rest:
-DeepSeekLM.configure_optimizers makes the groups).
+Muon, the optimizer for the blocks' weight matrices with --optimizer=muon (AdamW, from torch, takes the
+rest: DeepSeekLM.configure_optimizers makes the groups; train.py's loop takes the step).
 """
 
 import torch
-
-
-def optimizer_step(model, raw_model, optimizers, scaler, batches, autocast, grad_clip):
-    """One optimizer step over a list of (X, Y) micro-batches:
-    forward and backward of each, their mean loss's gradients synchronised across processes on the last
-    one only (DDP or FSDP), unscaled (fp16's GradScaler), clipped to grad_clip (0 = off), then every
-    optimizer steps and the routers' balancing biases move. Returns (the last micro-batch's loss, the
-    gradient norm, the balancing figures of DeepSeekLM.update_router_bias)."""
-    for i, (X, Y) in enumerate(batches):
-        last = i == len(batches) - 1
-        if hasattr(model, 'require_backward_grad_sync'):   # DDP
-            model.require_backward_grad_sync = last
-        elif hasattr(model, 'set_requires_gradient_sync'):   # FSDP
-            model.set_requires_gradient_sync(last)
-        with autocast:
-            _, loss = model(X, Y)
-        scaler.scale(loss / len(batches)).backward()
-    for opt in optimizers:
-        scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
-    for opt in optimizers:
-        scaler.step(opt)
-        opt.zero_grad(set_to_none=True)
-    scaler.update()
-    return loss.detach(), grad_norm, raw_model.update_router_bias()   # counts of all micro-steps and ranks
 
 
 class Muon(torch.optim.Optimizer):

@@ -120,4 +120,4 @@ def load_over_training(evals, key):
 
 
 if __name__ == '__main__':
-    cli.run(main, sys.argv[1:])
+    cli.call_main(main, sys.argv[1:])

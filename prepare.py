@@ -471,4 +471,4 @@ def watchdog(seconds, message=''):
 
 
 if __name__ == '__main__':
-    cli.run(main, sys.argv[1:])
+    cli.call_main(main, sys.argv[1:], going_on_without_stdout='preparing goes on')

@@ -21,9 +21,7 @@ out; it ends at the first <|endoftext|> the model emits.
 """
 
 import codecs
-import glob
 import os
-import shlex
 import sys
 import time
 
@@ -33,6 +31,7 @@ import checkpoint
 import cli
 import copycheck
 import dataset
+import preflight
 from cli import UserError
 from dataset import EOT
 from model import DeepSeekLM
@@ -40,7 +39,7 @@ from model import DeepSeekLM
 # -----------------------------------------------------------------------------
 # defaults
 out_dir = 'out-deepseek'   # train.py's default and config/deepseek.py's
-ckpt = 'last'              # 'last' = out_dir/ckpt.pt, 'best' = out_dir/ckpt_best.pt (lowest val loss), or a path
+ckpt = 'best'              # 'best' = out_dir/ckpt_best.pt (lowest val loss; else ckpt.pt), 'last' = out_dir/ckpt.pt, or a path
 start = EOT                # prompt text, or FILE:path with one prompt per line (one sample per prompt)
 num_samples = 5            # samples of a text prompt (unused with FILE:)
 max_new_tokens = 500       # per sample; fewer when it ends with <|endoftext|>
@@ -57,10 +56,10 @@ copy_check = True          # report each sample's longest span shared with the t
 DEFAULTS = cli.settings_of(globals())
 SAY_LOADING = 100_000_000  # bytes: a checkpoint this big gets a line before its load (ckpt_best.pt of the card: 2.7 GB)
 RULES = {
-    'num_samples': (lambda v: v > 0, "> 0"),
-    'max_new_tokens': (lambda v: v > 0, "> 0"),
+    'num_samples': (lambda v: 0 < v <= 2**20, "in [1, 2**20]"),
+    'max_new_tokens': (lambda v: 0 < v <= 2**24, "in [1, 2**24]"),
     'temperature': (lambda v: v >= 0, ">= 0 (0 = greedy)"),
-    'top_k': (lambda v: v >= 0, ">= 0 (0 = off)"),
+    'top_k': (lambda v: 0 <= v <= 2**31, "in [0, 2**31] (0 = off)"),
     'top_p': (lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
     'seed': (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
 }
@@ -75,25 +74,24 @@ def main(argv):
     device_type = dev.split(':')[0]
 
     # --- model and tokenizer, both from the checkpoint --------------------------------------------
-    path = checkpoint_path(cfg)
+    path = preflight.checkpoint_file(cfg['out_dir'], cfg['ckpt'])
     if os.path.getsize(path) >= SAY_LOADING:   # a big file takes a while: say so before (small: one line if refused)
         print(f"loading {path} ({size_text(os.path.getsize(path))}) ...", file=sys.stderr, flush=True)
     t_load = time.time()
     ck, mconf = checkpoint.load_checkpoint(path)
     enc = dataset.load_tokenizer(ck['tokenizer'])
     eot = enc.encode_single_token(EOT)
-    with torch.device(dev), checkpoint.weights_left_empty():   # built on the device, its weights all loaded next
-        model = DeepSeekLM(mconf)
     try:
-        model.load_state_dict(ck['model'])
+        model = DeepSeekLM.from_state_dict(mconf, ck['model'], dev)
     except RuntimeError as e:
         raise UserError(f"{path} does not fit model.py ({str(e).splitlines()[0]})") from None
     model.eval()
     if cfg['compile']:
         model.compile(dynamic=True)   # compiles forward, which generation calls once per token
-    print(f"loaded {path} in {time.time() - t_load:.1f}s: iter {ck['iter_num']}, best val loss "
-          f"{ck['best_val_loss']:.4f} | {model.num_params():,} parameters | {dev}, {str(dt).removeprefix('torch.')}",
-          file=sys.stderr)
+    val, best = ck.get('val_loss', ck['best_val_loss']), ck['best_val_loss']
+    better = f" (the run's best was {best:.4f}: --ckpt=best samples that model)" if val > best else ''
+    print(f"loaded {path} in {time.time() - t_load:.1f}s: iter {ck['iter_num']}, val loss {val:.4f}{better} | "
+          f"{model.num_params():,} parameters | {dev}, {str(dt).removeprefix('torch.')}", file=sys.stderr)
     trained_on, tokenizer_spec = ck.get('data'), ck['tokenizer']
     del ck
 
@@ -217,38 +215,6 @@ class Printer:
         return ''.join(self.parts)[:-1]
 
 
-def checkpoint_path(cfg):
-    """The checkpoint file to read: a regular file, or a UserError that names what is there instead (a folder,
-    a pipe or a device, which would hang the reader) or how to make it."""
-    names, out_dir = checkpoint.NAMES, cfg['out_dir']
-    path = checkpoint.named(out_dir, cfg['ckpt'])
-    if cfg['ckpt'] in names and os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"out_dir {out_dir} is not a folder: give the folder a training run wrote (--out_dir=FOLDER)")
-    if not os.path.exists(path):
-        if cfg['ckpt'] in names:
-            raise UserError(f"no checkpoint at {path}: train first with `{train_command(out_dir)}`")
-        raise UserError(f"no checkpoint at {path} (--ckpt is 'last', 'best' or a path)")
-    if cfg['ckpt'] not in names and os.path.isdir(path) and os.path.isfile(os.path.join(path, 'ckpt.pt')):
-        inside = shlex.quote(os.path.join(path, 'ckpt.pt'))
-        raise UserError(f"checkpoint {path} is a folder, not a file: give --ckpt={inside}, or --out_dir="
-                        f"{shlex.quote(path)} without --ckpt")
-    return cli.check_file(path, 'checkpoint')
-
-
-def train_command(out_dir):
-    """The command that trains into out_dir when run from here (out_dir is relative to here, as train.py's
-    is): train.py with the repo's config file that names that folder, where there is one, else with --out_dir."""
-    for path in sorted(glob.glob(os.path.join(cli.ROOT, 'config', '*.py'))):
-        try:
-            cfg, _ = cli.parse_config([path], {'out_dir': ''}, skip_file_keys=True)
-        except UserError:
-            continue   # a config that only runs from the repo root, say
-        if cfg['out_dir'] and os.path.abspath(cfg['out_dir']) == os.path.abspath(out_dir):
-            here = os.path.abspath('.') == cli.ROOT
-            return cli.repo_command('train.py', [os.path.relpath(path) if here else path])
-    return cli.repo_command('train.py', [f'--out_dir={out_dir}'])
-
-
 def read_prompts(start):
     """([start], False), or (the non-blank lines of the file named by FILE:path, True)."""
     if not start.startswith('FILE:'):
@@ -268,4 +234,4 @@ def read_prompts(start):
 
 
 if __name__ == '__main__':
-    cli.run(main, sys.argv[1:])
+    cli.call_main(main, sys.argv[1:])

@@ -198,29 +198,29 @@ def test_check_ranges_names_the_key_and_the_range():
 
 def test_run_prints_one_line_and_exits_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        cli.run(parse_config, ['--lerning_rate=1'], DEFAULTS)
+        cli.call_main(parse_config, ['--lerning_rate=1'], DEFAULTS)
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: unknown config key 'lerning_rate' (did you mean 'learning_rate'?)\n"
 
     def read_only():
         raise PermissionError(13, 'Permission denied', str(tmp_path / 'x'))
     with pytest.raises(SystemExit) as e:
-        cli.run(read_only)
+        cli.call_main(read_only)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count('\n') == 1 and 'Permission denied' in err and 'x' in err
-    assert cli.run(lambda x: x + 1, 1) == 2
+    assert cli.call_main(lambda x: x + 1, 1) == 2
 
     def cpu_out_of_memory():   # what torch's CPU allocator raises: not a MemoryError
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory")
     with pytest.raises(SystemExit) as e:
-        cli.run(cpu_out_of_memory)
+        cli.call_main(cpu_out_of_memory)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith('error: out of memory: ask for less at once') and err.count('\n') == 1
 
     def bug():
         raise RuntimeError("a bug keeps its traceback")
     with pytest.raises(RuntimeError, match='a bug'):
-        cli.run(bug)
+        cli.call_main(bug)
 
 
 @pytest.mark.parametrize('device, message', [
@@ -242,8 +242,8 @@ def test_devices_that_do_not_exist_are_refused(device, message):
 
 SCRIPTS = {   # script: (a flag of each kind it takes, a value it refuses, the error naming it)
     'prepare.py': ['--max_docs', '-3', 'max_docs'],
-    'train.py': ['--max_iters', '-3', 'max_iters must be > 0'],
-    'sample.py': ['--num_samples', '-3', 'num_samples must be > 0'],
+    'train.py': ['--max_iters', '-3', 'max_iters must be in [1, 2147483648]'],
+    'sample.py': ['--num_samples', '-3', 'num_samples must be in [1, 2**20]'],
     'bench.py': ['--only', 'nope', "unknown rows ['nope']"],
     'plot_log.py': ['--out_dir', 'nowhere-xyz', 'nowhere-xyz/log.jsonl'],
 }
@@ -380,7 +380,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monke
 def test_lock_folder_refuses_a_second_process_and_bad_paths(tmp_path):
     held = checkpoint.lock_folder(str(tmp_path / 'run'), 'training run')
     code = ("import checkpoint, cli, sys\n"
-            f"cli.run(checkpoint.lock_folder, {str(tmp_path / 'run')!r}, 'training run')\n")
+            f"cli.call_main(checkpoint.lock_folder, {str(tmp_path / 'run')!r}, 'training run')\n")
     p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 2 and f'is in use by another training run (pid {os.getpid()})' in p.stderr
     held.close()   # released: the next process gets it

@@ -68,7 +68,7 @@ def cli_error(args, capsys):
     """What the command line prints for args: exactly one stderr line, exit code 2, no traceback."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        cli.run(prepare.main, args)
+        cli.call_main(prepare.main, args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
     return err

@@ -19,6 +19,7 @@ import checkpoint
 import cli
 import dataset
 import model as model_module
+import preflight
 import prepare
 import sample
 import train
@@ -170,24 +171,25 @@ def test_generation_stops_at_endoftext_and_streams(tiny, capsys, monkeypatch):
 
 
 def test_runs_from_the_checkpoint_alone(tiny, capsys, tmp_path, monkeypatch):
-    """Defaults: out-deepseek/ckpt.pt, five samples, each a new document. No data folder anywhere."""
+    """Defaults: out-deepseek/ckpt_best.pt (the lowest val loss), five samples, each a new document. No data
+    folder anywhere."""
     os.makedirs(tmp_path / 'out-deepseek')
-    shutil.copy(tiny[0], tmp_path / 'out-deepseek' / 'ckpt.pt')
+    shutil.copy(tiny[0], tmp_path / 'out-deepseek' / 'ckpt_best.pt')
     monkeypatch.chdir(tmp_path)
     texts, out, err = run(capsys, '--max_new_tokens=6')
     assert len(texts) == 5 and len(headers(out)) == 5
-    assert 'loading' not in err and 'loaded out-deepseek/ckpt.pt in ' in err   # small: loads at once
+    assert 'loading' not in err and 'loaded out-deepseek/ckpt_best.pt in ' in err   # small: loads at once
     assert 'copy check skipped: the checkpoint does not record its training data\n' in err
     assert os.listdir(tmp_path) == ['out-deepseek']
     # a big checkpoint: a line before the (maybe long) load, and one after it
     monkeypatch.setattr(sample, 'SAY_LOADING', 1000)
-    size = sample.size_text(os.path.getsize(tmp_path / 'out-deepseek' / 'ckpt.pt'))
+    size = sample.size_text(os.path.getsize(tmp_path / 'out-deepseek' / 'ckpt_best.pt'))
     _, _, err = run(capsys, '--max_new_tokens=2')
-    assert err.startswith(f'loading out-deepseek/ckpt.pt ({size}) ...\nloaded out-deepseek/ckpt.pt in ')
-    # --ckpt=best picks ckpt_best.pt
-    shutil.copy(tiny[0], tmp_path / 'out-deepseek' / 'ckpt_best.pt')
-    _, _, err = run(capsys, '--ckpt', 'best', '--max_new_tokens=2')
-    assert 'loaded out-deepseek/ckpt_best.pt' in err
+    assert err.startswith(f'loading out-deepseek/ckpt_best.pt ({size}) ...\nloaded out-deepseek/ckpt_best.pt in ')
+    # --ckpt=last picks ckpt.pt
+    shutil.copy(tiny[0], tmp_path / 'out-deepseek' / 'ckpt.pt')
+    _, _, err = run(capsys, '--ckpt', 'last', '--max_new_tokens=2')
+    assert 'loaded out-deepseek/ckpt.pt' in err
 
 
 def test_long_prompt_is_cropped_with_a_warning(tiny, capsys):
@@ -211,7 +213,7 @@ def test_missing_checkpoint_cli(tmp_path):
     assert p.returncode == 2
     assert p.stdout == ''
     command = shlex.join(['python', os.path.join(ROOT, 'train.py'), os.path.join(ROOT, 'config', 'deepseek.py')])
-    assert p.stderr == f"error: no checkpoint at out-deepseek/ckpt.pt: train first with `{command}`\n"
+    assert p.stderr == f"error: no checkpoint at out-deepseek/ckpt_best.pt: train first with `{command}`\n"
 
 
 def damaged(path):
@@ -228,7 +230,7 @@ def write_truncated(tiny, path):
 
 @pytest.mark.parametrize('make, args, message', [
     (None, ['--out_dir=nowhere'],   # the tests run elsewhere than the repo's folder: full paths
-     f"no checkpoint at nowhere/ckpt.pt: train first with `python {os.path.join(ROOT, 'train.py')} --out_dir=nowhere`"),
+     f"no checkpoint at nowhere/ckpt_best.pt: train first with `python {os.path.join(ROOT, 'train.py')} --out_dir=nowhere`"),
     (None, ['--ckpt=nowhere.pt'], 'no checkpoint at nowhere.pt'),
     (lambda tiny, p: torch.save({'model': {}}, p), [], 'is not a checkpoint of this version of the repo'),
     (lambda tiny, p: torch.save({'format': 'nanogpt/0'}, p), [], 'is not a checkpoint of this version of the repo'),
@@ -252,7 +254,7 @@ def test_mistakes_are_one_line(tiny, capsys, tmp_path, monkeypatch, make, args, 
         make(tiny, path)
         args = [f'--ckpt={path}', *args]
     with pytest.raises(SystemExit) as e:
-        cli.run(sample.main, args)
+        cli.call_main(sample.main, args)
     out, err = capsys.readouterr()
     assert e.value.code == 2
     assert out == ''
@@ -260,20 +262,23 @@ def test_mistakes_are_one_line(tiny, capsys, tmp_path, monkeypatch, make, args, 
 
 
 def test_every_weight_comes_from_the_checkpoint(tiny, capsys, tmp_path):
-    """The model is built without drawing random weights (slow for big models): a checkpoint that lacks one is
-    refused, never sampled from with memory left as it was; and torch.nn.init is itself again afterwards."""
+    """The model is built on the meta device and filled from the checkpoint: no weight is drawn at random
+    (slow for big models), the tied head stays tied, and a checkpoint that lacks a weight is refused, never
+    sampled from with memory left as it was."""
     ckpt, model, _ = tiny
-    ck, _ = checkpoint.load_checkpoint(ckpt)
+    ck, mconf = checkpoint.load_checkpoint(ckpt)
+    rng = torch.get_rng_state()
+    loaded = DeepSeekLM.from_state_dict(mconf, ck['model'])
+    assert torch.equal(torch.get_rng_state(), rng)   # not one random number drawn
+    assert loaded.lm_head.weight is loaded.wte.weight and loaded.num_params() == model.num_params()
+    x = torch.randint(mconf.vocab_size, (2, 8))
+    model.eval(), loaded.eval()
+    assert torch.equal(loaded(x)[0], model(x)[0])   # RoPE tables and the routers' state made as a fresh model has them
     weights = {k: v for k, v in ck['model'].items() if k != 'norm_f.weight'}
     path = str(tmp_path / 'ckpt.pt')
     checkpoint.save_checkpoint({**{k: v for k, v in ck.items() if k not in ('format', 'checksum', 'fingerprint')},
                                 'model': weights}, path)
-    normal = torch.nn.init.normal_
     assert 'does not fit model.py' in refused(capsys, [f'--ckpt={path}'])
-    assert torch.nn.init.normal_ is normal
-    with checkpoint.weights_left_empty():
-        assert torch.nn.init.normal_ is not normal
-    assert torch.nn.init.normal_ is normal
 
 
 def test_printer_skips_ids_the_tokenizer_lacks(capsys):
@@ -318,7 +323,7 @@ def fifo(path):
 
 def refused(capsys, args):
     with pytest.raises(SystemExit) as e:
-        cli.run(sample.main, args)
+        cli.call_main(sample.main, args)
     out, err = capsys.readouterr()
     assert e.value.code == 2 and out == ''
     assert err.startswith('error: ') and err.count('\n') == 1, err
@@ -372,12 +377,12 @@ def test_the_train_command_trains_into_that_out_dir(where, tmp_path, monkeypatch
     monkeypatch.chdir(ROOT if where == 'repo' else tmp_path)
     for out_dir in ('out-deepseek', 'out-mini', './out-mini/', 'out-deepseek-mla', 'nowhere', 'two words',
                     str(tmp_path / 'out-mini')):
-        command = shlex.split(sample.train_command(out_dir))
+        command = shlex.split(preflight.train_command(out_dir))
         assert command[0] == 'python' and os.path.samefile(command[1], os.path.join(ROOT, 'train.py'))
         cfg, _ = cli.parse_config(command[2:], train.DEFAULTS, skip_file_keys=dataset.DATASET_DEFAULTS)   # as train.py
         assert os.path.abspath(cfg['out_dir']) == os.path.abspath(out_dir), (out_dir, command)
     if where == 'repo':
-        assert sample.train_command('out-mini') == 'python train.py config/deepseek_mini.py'
+        assert preflight.train_command('out-mini') == 'python train.py config/deepseek_mini.py'
 
 
 # -----------------------------------------------------------------------------

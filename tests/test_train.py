@@ -20,6 +20,9 @@ import checkpoint
 import dataset
 import memory
 import prepare
+import devices
+import preflight
+import runlog
 import train
 from cli import UserError
 
@@ -193,8 +196,9 @@ def test_progress_from_the_first_minute(data_dir, tmp_path, capsys, monkeypatch)
     with pytest.raises(Stop):
         train_here(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/slow', '--max_iters=1000000000')
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(':')[0] for line in lines] == ['model', 'data', 'run', 'memory', 'expected', 'note']
-    assert 's per step' in lines[4] and 'config/deepseek_mini.py' in lines[5] and 'days' in lines[5]
+    assert [line.split(':')[0] for line in lines] == ['model', 'data', 'run', 'memory', 'expected', 'note', 'note']
+    assert 's per step' in lines[4] and 'passes over the train split' in lines[4] and 'memorises' in lines[5]
+    assert 'config/deepseek_mini.py' in lines[6] and 'days' in lines[6]
     monkeypatch.undo()
     train_here(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/first', '--max_iters=3', '--log_interval=50')
     lines = capsys.readouterr().out.splitlines()
@@ -481,7 +485,7 @@ def test_resume_drops_damaged_log_lines(tmp_path):
         f.write(b'{"kind": "eval", "iter": 0}\n{"kind": "train", "iter": 5}\n[1, 2]\n\xff\xfe\n'
                 b'{"kind": "train", "iter": "x"}\n{"kind": "train", "iter": 15}\n' + b'[' * 100_000 + b'\n'
                 b'{"kind": "train", "it')
-    train.keep_log_until(path, 10)
+    runlog.keep_log_until(path, 10)
     assert read_log(str(tmp_path)) == [{'kind': 'eval', 'iter': 0}, {'kind': 'train', 'iter': 5}]
 
 
@@ -525,18 +529,19 @@ def test_a_second_training_into_the_same_out_dir_refuses(data_dir, tmp_path):
     (['--device=tpu'], "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
     (['--compile=maybe'], "config key 'compile' expects true/false/auto"),
     (['--grad_clip=-1'], 'grad_clip must be >= 0 (0 = off), got -1.0'),
-    (['--lr_decay_iters=-1'], 'lr_decay_iters must be >= 0'),
+    (['--lr_decay_iters=-1'], 'lr_decay_iters must be in [0, 2147483648] (0 = max_iters)'),
     (['--weight_decay=-5'], 'weight_decay must be >= 0'),
     (['--learning_rate=-1'], 'learning_rate must be > 0'),
     (['--beta1=2'], 'beta1 must be in [0, 1)'),
     (['--seed=-1'], 'seed must be in [0, 2**32)'),
     (['--expert_dropout=1.5'], 'expert_dropout must be in [0, 1)'),
     (['--block_size=100000'], 'fewer than block_size 100000 + 1: lower --block_size'),
-    (['--vocab_size=4294967297', '--n_layer=1'], 'the weights, gradients and AdamW state alone need'),
+    (['--vocab_size=16777216', '--n_embd=65536', '--n_layer=1'], 'the weights, gradients and AdamW state alone need'),
+    (['--vocab_size=1000000000000000000000000000000'], 'vocab_size must be an integer in [1, 16777216]'),
     (['--out_dir=README.md'], 'README.md is a file, not a folder'),
     (['--out_dir='], "out_dir must be a folder, got ''"),
     (['--min_lr=5'], 'min_lr 5.0 is above learning_rate 0.003: lower --min_lr'),
-    (['--n_layer=100000'], 'n_layer must be in [1, 1024]'),
+    (['--n_layer=100000'], 'n_layer must be an integer in [1, 1024]'),
     (['--learning_rate=1e999'], "config key 'learning_rate' expects a finite number"),
     (['--device=cpu:x'], "device must be auto, cpu, cuda, cuda:N or mps, got 'cpu:x'"),
     (['--ckpt_interval=7', '--eval_interval=10'], 'ckpt_interval 7 is not a multiple of eval_interval 10'),
@@ -593,7 +598,7 @@ def test_bad_data_is_one_clean_line(data_dir, tmp_path, monkeypatch):
     bad = copy_files(data_dir, str(tmp_path / 'bad'))
     meta = json.load(open(os.path.join(bad, 'meta.json')))
     ids = np.memmap(os.path.join(bad, 'train.bin'), dtype=meta['dtype'], mode='r+')
-    ids[100] = meta['n_vocab'] + 5   # a token id outside the vocabulary
+    ids[::7] = meta['n_vocab'] + 5   # token ids outside the vocabulary, in every window read
     ids.flush()
     del ids
     refused(*TINY, f'--data_dir={bad}', f'--out_dir={tmp_path}/o1', match=f"holds token id {meta['n_vocab'] + 5}, "
@@ -619,7 +624,6 @@ def test_bits_per_byte_is_nats_over_the_text_bytes(tmp_path):
     import math
     import tiktoken
     import torch.nn.functional as F
-    from contextlib import nullcontext
     from model import DeepSeekLM, ModelConfig
     # byte-level ranks, a gap at 256..299, <|endoftext|> = 300: a padded, gapped vocabulary
     enc = tiktoken.Encoding('bytes', pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)},
@@ -635,7 +639,9 @@ def test_bits_per_byte_is_nats_over_the_text_bytes(tmp_path):
     cfg = {'seed': 3, 'eval_iters': 2, 'batch_size': 3}
     token_bytes = torch.tensor([len(b) for b in dataset.text_bytes(enc, 320)], dtype=torch.float32)
     assert token_bytes[300] == 0 and token_bytes[270] == 0 and token_bytes[0xC3] == 1
-    out = train.evaluate(model, model, data, np.uint16, cfg, 16, 'cpu', nullcontext(), token_bytes)
+    meta = {'dtype': 'uint16', 'n_vocab': 320, 'train_tokens': len(tokens), 'val_tokens': len(tokens)}
+    data = preflight.Data(str(tmp_path), meta, {}, data, '', token_bytes)
+    out = train.evaluate(model, model, data, cfg, 16, devices.plan('cpu', 'float32', False))
     # the reference: the same windows, full logits, tiktoken's bytes
     win = np.random.default_rng(cfg['seed'] + 10_000)
     nats = nbytes = total = count = 0.0
@@ -687,7 +693,7 @@ def test_a_full_disk_while_logging_names_the_log_and_keeps_the_checkpoint(data_d
         if str(path).endswith('log.jsonl') and a and a[0] == 'a':
             raise OSError(errno.ENOSPC, 'No space left on device')
         return builtins.open(path, *a, **kw)
-    monkeypatch.setattr(train, 'open', full, raising=False)
+    monkeypatch.setattr(runlog, 'open', full, raising=False)
     refused(*args, '--max_iters=8', '--init_from=resume',
             match=f"cannot write {out}/log.jsonl (No space left on device): free disk space, then resume")
     monkeypatch.undo()
