@@ -101,7 +101,7 @@ class Log:
 
     def step(self, it, loss, grad_norm, balance, timing, lr):
         step_s, eta = timing
-        if self.distributed:   # the mean over processes of each one's last micro-batch loss
+        if self.distributed:   # the mean over processes of each one's loss
             torch.distributed.all_reduce(loss)
             loss = loss / self.world
         lossf = loss.item()

@@ -156,9 +156,8 @@ def train(cfg, mconf, data, dev, processes, ckpt, recompute, memory_line, heartb
     accum = cfg['gradient_accumulation_steps']
     while True:
         lr = get_lr(iter_num, cfg)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group['lr'] = lr
+        for group in (group for opt in optimizers for group in opt.param_groups):
+            group['lr'] = lr
         last = iter_num == cfg['max_iters']
         if (iter_num % cfg['eval_interval'] == 0 or last) and not iter_num == start > 0:
             heartbeat.beat(f"evaluating at iter {iter_num}")
@@ -173,6 +172,7 @@ def train(cfg, mconf, data, dev, processes, ckpt, recompute, memory_line, heartb
         # one optimizer step: forward under autocast and backward for each micro-batch, gradients crossing
         # processes after the last one only; then unscaled (fp16), clipped, applied, and the balance updated
         heartbeat.beat(f"iter {iter_num + 1}")
+        step_loss = 0.0   # the mean over the micro-batches, for the log
         for micro in range(accum):
             X, Y = get_batch(data, cfg['batch_size'], mconf.block_size, data_rng, dev.device, rank, world)
             if cfg['fsdp']:
@@ -182,6 +182,7 @@ def train(cfg, mconf, data, dev, processes, ckpt, recompute, memory_line, heartb
             with dev.autocast():
                 _, loss = model(X, Y)
             scaler.scale(loss / accum).backward()
+            step_loss += loss.detach() / accum
         for opt in optimizers:
             scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or math.inf)
@@ -192,12 +193,11 @@ def train(cfg, mconf, data, dev, processes, ckpt, recompute, memory_line, heartb
         balance = raw_model.update_router_bias()   # from the expert counts of every micro-batch and process
         iter_num += 1
         if iter_num % cfg['log_interval'] == 0 or iter_num == start + 1:
-            log.step(iter_num, loss.detach(), grad_norm, balance, clock.lap(iter_num), lr)
+            log.step(iter_num, step_loss, grad_norm, balance, clock.lap(iter_num), lr)
 
     # --- the result: the final model on the whole validation split ---------------------------------------------
     heartbeat.beat('scoring the whole validation split')
-    final = evaluate_whole(model, raw_model, data, mconf.block_size, cfg['batch_size'], dev, master) \
-        if cfg['final_eval'] else None
+    final = cfg['final_eval'] and evaluate_whole(model, raw_model, data, mconf.block_size, cfg['batch_size'], dev, master)
     log.final(iter_num, final, clock, raw_model, best_val_loss)
     if distributed:
         finish_processes(model, raw_model, cfg['fsdp'], dev, master)

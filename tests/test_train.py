@@ -23,6 +23,7 @@ import prepare
 import devices
 import preflight
 import runlog
+import sample
 import train
 from cli import UserError
 
@@ -270,6 +271,81 @@ def test_memory_plan_turns_checkpointing_on_and_refuses_what_cannot_fit(data_dir
     assert read_log(f'{tmp_path}/big')[-1]['tokens_seen'] == 2 * 4 * 32   # the same tokens per step
 
 
+def test_a_run_that_overfits_says_so_and_sample_takes_its_best_model(tmp_path, capsys):
+    """Three short documents of random letters, read 35 times: the start-up says how many passes the run
+    makes and what to expect; once val loss has risen for three evaluations while train loss fell, the
+    evaluation line and its record say so; sample.py then samples the best model, and says so when asked
+    for the last."""
+    docs = tmp_path / 'docs'
+    docs.mkdir()
+    for i in range(3):
+        rng = np.random.default_rng(i)
+        (docs / f'{i}.txt').write_text(''.join(rng.choice(list('abcdefgh '), size=300)))
+    d, out = str(tmp_path / 'data'), str(tmp_path / 'out')
+    prepare.main(['--dataset=letters', f'--input={docs}', f'--data_dir={d}', '--vocab_size=300', '--val_docs=1'])
+    capsys.readouterr()
+    train_here(*TINY, '--vocab_size=300', f'--data_dir={d}', f'--out_dir={out}', '--max_iters=100',
+               '--eval_interval=10', '--learning_rate=1e-2', '--min_lr=1e-2', '--warmup_iters=0', '--log_interval=50')
+    printed = capsys.readouterr().out
+    passes = 100 * 4 * 32 / dataset.read_meta(d)['train_tokens']
+    assert f'({passes:.2f} passes over the train split)' in printed and 'a model memorises its data' in printed
+    evals = [r for r in read_log(out) if r['kind'] == 'eval']
+    flagged = [r['iter'] for r in evals if r.get('overfitting')]
+    assert flagged and 'overfitting: val loss has risen for 3 evaluations while train loss fell' in printed
+    first = next(r for r in evals if r['iter'] == flagged[0])
+    before = [r['val_loss'] for r in evals if flagged[0] - 30 <= r['iter'] <= flagged[0]]
+    assert before == sorted(before) and first['val_loss'] > min(r['val_loss'] for r in evals)
+    best = torch.load(os.path.join(out, 'ckpt_best.pt'), weights_only=True)
+    assert best['iter_num'] < 100 and best['val_loss'] == min(r['val_loss'] for r in evals if r['iter'])
+    sample.main([f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=2'])
+    assert f"loaded {out}/ckpt_best.pt" in capsys.readouterr().err
+    sample.main([f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=2', '--ckpt=last'])
+    assert f"the run's best was {best['val_loss']:.4f}: --ckpt=best samples that model" in capsys.readouterr().err
+
+
+def test_a_resume_that_fails_keeps_the_finished_runs_result(data_dir, tmp_path, monkeypatch):
+    """A finished run's log keeps its records, the whole-val result included, through a resume that
+    diverges or is interrupted before it writes a checkpoint of its own; the resume that does checkpoint
+    cuts the log back to the checkpoint it started from, so each iteration is logged once."""
+    out = str(tmp_path / 'done')
+    args = [*TINY, f'--data_dir={data_dir}', f'--out_dir={out}', '--log_interval=1', '--eval_interval=4']
+    train_here(*args, '--max_iters=4', '--final_eval=true')
+    finished = read_log(out)
+    assert [r['kind'] for r in finished[-2:]] == ['final', 'summary']
+    refused(*args, '--max_iters=8', '--init_from=resume', '--learning_rate=1e10', '--min_lr=1e10',
+            match='training diverged')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'get_batch', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_here(*args, '--max_iters=8', '--init_from=resume')
+    monkeypatch.undo()
+    assert read_log(out)[:len(finished)] == finished   # the result is still there
+    train_here(*args, '--max_iters=8', '--init_from=resume')
+    log = read_log(out)
+    assert [r['iter'] for r in log if r['kind'] == 'train'] == list(range(1, 9))
+    assert [r['iter'] for r in log if r['kind'] == 'eval'] == [0, 4, 8] and 'final' not in [r['kind'] for r in log]
+
+
+def test_training_outlives_its_standard_output(data_dir, tmp_path):
+    """`python train.py ... | head -3`, or standard output on a full disk: the run goes on to its end with
+    its work saved, says once on stderr that its output is gone, and exits 0."""
+    procs = {}
+    for name, stdout in (('head', subprocess.PIPE), ('full', open('/dev/full', 'w'))):
+        procs[name] = subprocess.Popen(train_cmd(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/{name}',
+                                                 '--max_iters=12', '--eval_interval=6', '--log_interval=1'),
+                                       cwd=ROOT, env=env_for(), stdout=stdout, stderr=subprocess.PIPE, text=True)
+    assert [procs['head'].stdout.readline() for _ in range(3)][0].startswith('model:')
+    procs['head'].stdout.close()   # as `head -3` does
+    for name, reason in (('head', 'its reader went away'), ('full', 'No space left on device')):
+        _, err = procs[name].communicate(timeout=300)
+        assert procs[name].returncode == 0, err
+        assert err == f"note: standard output is gone ({reason}); training goes on; its records are in log.jsonl\n"
+        assert max(losses(f'{tmp_path}/{name}')) == 12
+        assert torch.load(f'{tmp_path}/{name}/ckpt.pt', weights_only=True)['iter_num'] == 12
+
+
 # -----------------------------------------------------------------------------
 # processes: kill -9, Ctrl-C, torchrun
 
@@ -316,7 +392,7 @@ def test_ctrl_c_keeps_the_last_checkpoint(data_dir, tmp_path):
     assert checkpoint.load_checkpoint(ckpt, parts=('model', 'optimizer'))[0]['iter_num'] % 5 == 0
 
 
-def test_torchrun_ddp_and_fsdp_train_as_one_process_does(data_dir, tmp_path):
+def test_torchrun_ddp_and_fsdp_train_as_one_process_does(data_dir, tmp_path, capsys):
     """Two processes over batch 2 each see the same global batch as one process over batch 4: DDP and
     FSDP (weights, gradients and AdamW state sharded) log the same losses to 1e-5, keep the balancing
     biases identical on every rank, and FSDP's checkpoint is one ordinary file that a single process
@@ -338,6 +414,31 @@ def test_torchrun_ddp_and_fsdp_train_as_one_process_does(data_dir, tmp_path):
     train_here(f'--out_dir={tmp_path}/fsdp', '--init_from=resume', '--max_iters=8', '--device=cpu', '--fsdp=false',
                '--batch_size=4')
     assert max(losses(f'{tmp_path}/fsdp')) == 8
+    # a resume in one process keeps the tokens of an iteration: twice the accumulation, the same losses
+    capsys.readouterr()
+    for out in (one, f'{tmp_path}/ddp'):
+        train_here(f'--out_dir={out}', '--init_from=resume', '--max_iters=8', '--device=cpu')
+    assert ('resume changes: max_iters 6 -> 8; gradient_accumulation_steps 1 -> 2 (1 process instead of 2: the '
+            'same 4 windows per iteration)') in capsys.readouterr().out
+    a, b = losses(one), losses(f'{tmp_path}/ddp')
+    assert sorted(b) == list(range(1, 9)) and all(abs(a[i] - b[i]) < 1e-5 for i in a), (a, b)
+    assert read_log(f'{tmp_path}/ddp')[-1]['tokens_seen'] == 2 * 4 * 32
+
+
+def test_under_torchrun_the_first_process_speaks_for_all(finished, data_dir):
+    """A setting every process refuses, and a refusal only the first process can make (its output folder
+    holds a finished run), are each one error line, from the first process; the others print nothing."""
+    out, args = finished
+    procs = [subprocess.Popen(train_cmd(*argv, nproc=2), cwd=ROOT, env=env_for(2), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for argv in ([*TINY, f'--data_dir={data_dir}', '--batch_size=0'], args)]
+    for p, message in zip(procs, ('error: batch_size must be in [1, 1048576], got 0',
+                                  f'error: {out} already holds a run')):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode != 0 and [line for line in err.splitlines() if 'error' in line.lower()
+                                      and 'torch.distributed' not in line][:1] == [line for line in err.splitlines()
+                                                                                   if line.startswith(message)], err
+        assert err.count('error: ') == 1 and os.path.join(ROOT, 'train.py') + '", line' not in err, err
 
 
 # -----------------------------------------------------------------------------
