@@ -33,6 +33,7 @@ import checkpoint
 import cli
 import copycheck
 import dataset
+import devices
 from cli import UserError
 from dataset import EOT
 from model import DeepSeekLM
@@ -71,8 +72,8 @@ def main(argv):
     cfg, _ = cli.parse_config(argv, DEFAULTS, skip_file_keys=True)   # of a training config: its out_dir
     cli.check_ranges(cfg, RULES)
     prompts, from_file = read_prompts(cfg['start'])   # before the (maybe slow) load: fail fast
-    dev, dt = cli.pick_device(cfg['device'], cfg['dtype'])
-    device_type = dev.split(':')[0]
+    run = devices.plan(cfg['device'], cfg['dtype'])
+    dev, dt = run.device, run.dtype
 
     # --- model and tokenizer, both from the checkpoint --------------------------------------------
     path = checkpoint_path(cfg)
@@ -89,6 +90,7 @@ def main(argv):
     except RuntimeError as e:
         raise UserError(f"{path} does not fit model.py ({str(e).splitlines()[0]})") from None
     model.eval()
+    run.apply(model)
     if cfg['compile']:
         model.compile(dynamic=True)   # compiles forward, which generation calls once per token
     print(f"loaded {path} in {time.time() - t_load:.1f}s: iter {ck['iter_num']}, best val loss "
@@ -113,7 +115,7 @@ def main(argv):
     # --- generate and print, one sample at a time: a prefill, then one token per step --------------
     def tokens(prompt_ids, n):
         idx = torch.tensor([prompt_ids], device=dev)
-        with cli.autocast(device_type, dt):
+        with run.autocast():
             for nxt in model.generate_tokens(idx, n, temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
                                              top_p=cfg['top_p'], use_cache=cfg['use_cache']):
                 yield int(nxt[0])
@@ -122,7 +124,7 @@ def main(argv):
         pass
     token_text = dataset.text_bytes(enc, mconf.vocab_size)
     torch.manual_seed(cfg['seed'])
-    cli.sync(device_type)
+    run.sync()
     t0, n_new, texts, completions = time.time(), 0, [], []
     for i, prompt_ids in enumerate(ids):
         print(f"--- sample {i + 1} ---", flush=True)
@@ -136,7 +138,7 @@ def main(argv):
             text.add([token])
         texts.append(text.end())
         completions.append(texts[-1][prompt_chars:])
-    cli.sync(device_type)
+    run.sync()
     seconds = time.time() - t0
     print(f"{n_new:,} tokens in {seconds:.2f}s: {n_new / max(seconds, 1e-9):,.1f} tokens/s ({len(ids)} sample"
           f"{'s' if len(ids) > 1 else ''} x up to {cfg['max_new_tokens']} new tokens, KV cache "
