@@ -105,16 +105,6 @@ def estimate(mconf, batch_size, low_precision, checkpointing, shards=1, expand_k
     return dict(state=state, saved=saved, transient=transient, total=state + saved + transient)
 
 
-def device_memory(device):
-    """Bytes of memory of a torch device: the GPU's, or the machine's RAM for the CPU (None if unknown)."""
-    if device.startswith('cuda'):
-        return torch.cuda.get_device_properties(device).total_memory
-    if device.startswith('cpu') and hasattr(__import__('os'), 'sysconf'):
-        import os
-        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    return None
-
-
 def largest_batch(mconf, memory, low_precision, checkpointing, shards=1, limit=1024, expand_kv=False):
     """The largest batch_size (per process) whose step fits HEADROOM of memory bytes; 0 if none does."""
     best, b = 0, 1
