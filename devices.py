@@ -1,7 +1,7 @@
 """
 The device plan: where a run goes and how it runs there, decided once, from the device (compute
 capability, memory, name) and from what this torch does on it. train.py, sample.py and bench.py take
-their device decisions from here, and train.py prints the plan's lines at start-up.
+their device decisions from here, and train.py prints plan.line and plan.kernels(...) at start-up.
 
 On a GPU of compute capability (CC):
     dtype       bfloat16 from CC 8.0; float16 with a loss scaler below. torch.cuda.is_bf16_supported()
@@ -41,16 +41,15 @@ class DevicePlan:
     name: str = ''               # the GPU's
     capability: tuple = (0, 0)   # the GPU's compute capability
     memory: int = None           # bytes of the GPU, of the machine's RAM for the CPU; None: unknown (MPS)
-    count: int = 0               # GPUs in the machine
 
     @property
-    def device_type(self):
+    def type(self):
         return self.device.split(':')[0]
 
     @property
     def peak_flops(self):
         """The GPU's dense fp16/bf16 peak (None: not a GPU, a GPU not in PEAK_FLOPS, or an fp32 run)."""
-        low = self.device_type == 'cuda' and self.dtype != torch.float32
+        low = self.type == 'cuda' and self.dtype != torch.float32
         return next((v for k, v in PEAK_FLOPS.items() if k in self.name), None) if low else None
 
     def attention(self, mconf):
@@ -58,8 +57,8 @@ class DevicePlan:
         to one per query head for it). Each kernel's conditions are in torch's sdp_utils.cpp: flash takes
         CC 8.0-12.1, fp16/bf16, equal query/key/value widths up to 256 and grouped heads; the memory-efficient
         kernel CC 5.0 and up, fp16/fp32 (bf16 from 8.0), widths a multiple of 8, and no grouped heads."""
-        if self.device_type != 'cuda':
-            return f'{self.device_type} SDPA', False
+        if self.type != 'cuda':
+            return f'{self.type} SDPA', False
         mla = mconf.attention == 'mla'
         qk, v = (mconf.qk_nope_head_dim + mconf.qk_rope_head_dim, mconf.v_head_dim) if mla else (mconf.head_dim,) * 2
         if self.capability >= (8, 0) and self.dtype != torch.float32 and qk == v <= 256:
@@ -71,27 +70,30 @@ class DevicePlan:
 
     def moe(self):
         """How F.grouped_mm runs the experts here (torch's GroupedBlas.cpp, _grouped_mm_cuda)."""
-        if self.device_type == 'cpu' or (self.capability[0] in (9, 10) and self.dtype == torch.bfloat16):
+        if self.type == 'cpu' or (self.capability[0] in (9, 10) and self.dtype == torch.bfloat16):
             return 'one grouped matmul'
         return ("one matmul per expert (torch's grouped_mm fallback: it reads the group sizes on the host, a wait "
                 "for the GPU in each grouped matmul)")
 
-    def fsdp_policy(self):
-        """FSDP2's mixed precision for the blocks: their weights gathered in the run's dtype (half the
-        traffic of fp32), gradients reduce-scattered in fp32. The blocks' inputs are not cast: the residual
-        stream stays fp32 as in one process, and autocast runs each op in the run's dtype."""
+    @property
+    def fsdp(self):
+        """fully_shard's keywords for each block: FSDP2's mixed precision, the weights gathered in the run's
+        dtype (half the traffic of fp32), gradients reduce-scattered in fp32. The blocks' inputs are not
+        cast, and the whole model (embedding and head) is sharded without it: the residual stream stays
+        fp32 as in one process, and autocast runs each op in the run's dtype."""
         from torch.distributed.fsdp import MixedPrecisionPolicy
         low = None if self.dtype == torch.float32 else self.dtype
-        return MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        return {'mp_policy': policy}
 
     def apply(self, model=None):
         """This process's settings for the plan, and the model's attention layout; before compiling."""
-        if self.device_type == 'cuda':
+        if self.type == 'cuda':
             torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls on tensor cores (CC 8.0 and up)
             torch.backends.cudnn.allow_tf32 = True
             # torch prefers cuDNN attention on CC 9.0/10.x with a recent cuDNN, which gives silently wrong
             # results with fewer than 8 key/value heads (pytorch/pytorch#193893; the card has 4) and NaN
-            # gradients with masks at some lengths (#196678): flash is as fast there, and correct.
+            # gradients with masks at some lengths (#196678); flash runs instead.
             torch.backends.cuda.enable_cudnn_sdp(False)
         if model is not None:
             expand = self.attention(model.config)[1]
@@ -99,37 +101,41 @@ class DevicePlan:
                 if hasattr(m, 'expand_kv'):
                     m.expand_kv = expand
 
-    def lines(self, mconf, fsdp=False):
-        """The start-up lines: the device and dtype, and what runs the attention and the experts."""
-        gib = f"{self.memory / 2**30:.1f} GiB" if self.memory else "memory unknown"
-        where = (f"{self.name}, compute capability {self.capability[0]}.{self.capability[1]}, {gib}, 1 of "
-                 f"{self.count} GPUs" if self.device_type == 'cuda' else gib + (' RAM' if self.memory else ''))
+    @property
+    def line(self):
+        """The device, dtype and compile, for the start-up line."""
         dtype = str(self.dtype).removeprefix('torch.') + (' with loss scaling' if self.dtype == torch.float16 else '')
-        if self.dtype == torch.float16 and self.device_type == 'cuda' and self.capability < (8, 0):
-            dtype += ' (no bfloat16 arithmetic below compute capability 8.0)'
+        if self.type != 'cuda':
+            return f"{self.device}, {dtype}, compile={self.compile}"
+        below = ' (no bfloat16 arithmetic below compute capability 8.0)' if self.capability < (8, 0) else ''
+        return (f"{self.device} ({self.name}, compute capability {self.capability[0]}.{self.capability[1]}, "
+                f"{self.memory / 2**30:.1f} GiB), {dtype}{below}, compile={self.compile}")
+
+    def kernels(self, mconf, fsdp=False):
+        """The start-up line of what runs the attention and the experts, and FSDP's precision."""
         kernel, expand = self.attention(mconf)
         copies = f", its {mconf.n_kv_head} key/value heads copied to {mconf.n_head}" if expand else ''
-        sharded = f" | FSDP: weights gathered in {dtype.split()[0]}, gradients reduced in float32" if fsdp else ''
-        return [f"device: {self.device} ({where}) | {dtype} | compile {'on' if self.compile else 'off'}",
-                f"kernels: attention {kernel}{copies} | experts {self.moe()}{sharded}"]
+        dtype = str(self.dtype).removeprefix('torch.')
+        sharded = f" | FSDP: weights gathered in {dtype}, gradients reduced in float32" if fsdp else ''
+        return f"kernels: attention {kernel}{copies} | experts {self.moe()}{sharded}"
 
     def autocast(self):
         """Mixed precision for the forward pass: nothing in fp32, autocast otherwise."""
         if self.dtype == torch.float32:
             return nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+        return torch.autocast(device_type=self.type, dtype=self.dtype)
 
     def sync(self):
         """Wait for the device, so that a timing covers the work and not just its launch."""
-        if self.device_type == 'cuda':
+        if self.type == 'cuda':
             torch.cuda.synchronize(self.device)
-        elif self.device_type == 'mps':
+        elif self.type == 'mps':
             torch.mps.synchronize()
 
     def matmul_flops(self, seconds=0.2):
         """This device's measured matmul rate (FLOP/s) in the plan's dtype, from square matmuls timed for a
         fraction of a second: what a training step's speed is a fraction of."""
-        n = 1024 if self.device_type == 'cpu' else 4096
+        n = 1024 if self.type == 'cpu' else 4096
         g = torch.Generator(self.device).manual_seed(0)   # its own: a run's random streams are not touched
         a, b = (torch.randn(n, n, device=self.device, dtype=self.dtype, generator=g) for _ in range(2))
         a @ b   # warm-up: libraries load, clocks rise
@@ -183,7 +189,7 @@ def cuda_plan(index, dtype, compile):
         raise UserError(f"--compile=true on {where}: torch.compile's Triton code needs compute capability 7.0 "
                         f"or newer: use --compile=false")
     return DevicePlan(f'cuda:{index}', dt, cc >= (7, 0) if compile is None else compile, props.name, cc,
-                      props.total_memory, count)
+                      props.total_memory)
 
 
 def ram():
