@@ -1,21 +1,9 @@
 """
 The device plan: where a run goes and how it runs there, decided once, from the device (compute
-capability, memory, name) and from what this torch does on it. train.py, sample.py and bench.py take
-their device decisions from here, and train.py prints plan.line and plan.kernels(...) at start-up.
-
-On a GPU of compute capability (CC):
-    dtype       bfloat16 from CC 8.0; float16 with a loss scaler below. torch.cuda.is_bf16_supported()
-                also says yes below 8.0, where bf16 is emulated (no tensor cores, and inductor refuses
-                to compile it: compile_fx._check_triton_bf16_support), so the capability decides.
-    attention   SDPA's flash kernel from CC 8.0 in fp16/bf16; it takes the card's 12 query heads over 4
-                key/value heads as they are. Below 8.0 (and in fp32) the memory-efficient kernel, which
-                takes no grouped heads in torch 2.13: the key/value heads are copied out to one per query
-                head for it (model.attend), or SDPA would fall to its math kernel, which keeps fp32
-                (B, H, T, T) probabilities for backward. cuDNN attention is switched off (apply).
-    experts     F.grouped_mm: one grouped kernel in bf16 on CC 9.x and 10.x; elsewhere torch's own
-                fallback, one matmul per expert after reading the group sizes on the host.
-    compile     on by default (inductor generates Triton code, which needs CC 7.0).
-    FSDP        the blocks' weights gathered in the run's dtype, gradients reduced in fp32.
+capability, memory, name) and from what this torch does on it: the dtype, the attention's SDPA kernel,
+the experts' grouped matmul, compile, FSDP's precision and the peak FLOP/s. train.py, sample.py and
+bench.py take their device decisions from here; train.py prints plan.line and plan.kernels(...) at start-up.
+What each GPU gets, and what in torch each choice rests on: docs/full-size.md.
 """
 
 import os
@@ -180,6 +168,7 @@ def cuda_plan(index, dtype, compile):
     props = torch.cuda.get_device_properties(index)
     cc = (props.major, props.minor)
     where = f"{props.name} (compute capability {cc[0]}.{cc[1]})"
+    # the capability decides: torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated
     dt = (torch.bfloat16 if cc >= (8, 0) else torch.float16) if dtype == 'auto' else getattr(torch, dtype)
     if dt == torch.bfloat16 and cc < (8, 0):
         raise UserError(f"{where} has no bfloat16 arithmetic: torch would emulate it, several times slower, and "
