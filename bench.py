@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 import cli
+import devices
 import memory
 from model import DeepSeekLM, LatentTokenAttention, ModelConfig, MoE, apply_rope, attend, rope_tables
 
@@ -101,8 +102,8 @@ def model_config(cfg):
 
 def autocast_for(device):
     """(dtype, autocast context) of train.py's dtype='auto' on this device."""
-    _, dtype = cli.pick_device(device.type, 'auto')
-    return dtype, cli.autocast(device.type, dtype)
+    run = devices.plan(str(device))
+    return run.dtype, run.autocast()
 
 
 def matmul(n, dtype, device):
@@ -157,6 +158,7 @@ def our_train_step(cfg, device, compiled):
     if key not in _steps:
         torch.manual_seed(0)
         model = DeepSeekLM(mconf).to(device).train()
+        devices.plan(str(device)).apply(model)   # the attention as train.py runs it on this GPU
         B, T = cfg['batch_size'], cfg['block_size']
         x = torch.randint(cfg['vocab_size'], (B, T + 1), device=device)
         _, ctx = autocast_for(device)
@@ -419,13 +421,13 @@ def row_vs_transformers(args, device, out):
 def row_mfu(args, device, out):
     """CUDA only: a config/deepseek.py train step (bf16 autocast, compiled) over the GPU's peak FLOP/s,
     and over the bf16 torch.mm timed next to it (deepseek_vs_mm)."""
-    peak = cli.gpu_peak_flops(device.type)
+    peak = devices.plan(str(device)).peak_flops
     if device.type != 'cuda' or not args.compile:
         out['mfu'] = None
         return
     cfg = load_config('deepseek.py')
     out['deepseek_vs_mm'], step_flops, mm_flops = vs_mm(*our_train_step(cfg, device, compiled=True), device, args)
-    out['mfu'] = step_flops / peak if peak else None   # None: a GPU missing from cli.PEAK_FLOPS
+    out['mfu'] = step_flops / peak if peak else None   # None: a GPU missing from devices.PEAK_FLOPS
     out['mm_mfu'] = mm_flops / peak if peak else None
 
 
@@ -465,7 +467,7 @@ def row_compile_speedup(args, device, out):
     out['compile_speedup'] = seconds['whole'] / seconds['blocks']
 
 
-GPUS = [('T4 16 GB', 15.1, 'float16'), ('L4 24 GB', 22.0, 'bfloat16'), ('A100 40 GB', 39.4, 'bfloat16'),
+GPUS = [('T4 16 GB', 14.6, 'float16'), ('L4 24 GB', 22.0, 'bfloat16'), ('A100 40 GB', 39.4, 'bfloat16'),
         ('A100 80 GB', 79.1, 'bfloat16'), ('H100 80 GB', 79.1, 'bfloat16')]   # usable GiB, as CUDA reports them
 
 
@@ -481,9 +483,10 @@ def row_memory(args, device, out):
         suffix = '_checkpointed' if on else ''
         out['state_gib'] = est['state'] / 2**30
         out[f'saved{suffix}_gib'], out[f'step{suffix}_gib'] = est['saved'] / 2**30, est['total'] / 2**30
-    out['gpus'] = {name: {'no_checkpointing': memory.largest_batch(mconf, gib * 2**30, dtype != 'float32', False),
-                          'checkpointing': memory.largest_batch(mconf, gib * 2**30, dtype != 'float32', True),
-                          'fsdp_2_gpus': memory.largest_batch(mconf, gib * 2**30, dtype != 'float32', True, shards=2)}
+    out['gpus'] = {name: {key: memory.largest_batch(mconf, gib * 2**30, True, on, shards,
+                                                    expand_kv=dtype == 'float16')   # fp16: CC < 8.0, heads copied
+                          for key, on, shards in (('no_checkpointing', False, 1), ('checkpointing', True, 1),
+                                                  ('fsdp_2_gpus', True, 2))}
                    for name, gib, dtype in GPUS}
 
 
@@ -516,10 +519,10 @@ def main(argv):
         raise cli.UserError(f"--only={args.only!r} names no row: rows are {', '.join(names)}")
     if set(only) - set(names):
         raise cli.UserError(f"unknown rows {sorted(set(only) - set(names))}: rows are {', '.join(names)}")
-    device = torch.device(cli.pick_device(args.device, 'auto')[0])
+    run = devices.plan(args.device)
+    run.apply()   # as train.py: TF32, no cuDNN attention
+    device = torch.device(run.device)
     cuda = device.type == 'cuda'
-    torch.backends.cuda.matmul.allow_tf32 = True   # as train.py
-    torch.backends.cudnn.allow_tf32 = True
 
     # the spec's sizes on a full run; --quick keeps every code path but shrinks the work
     q = args.quick
@@ -537,7 +540,7 @@ def main(argv):
     cli.keep_freed_memory()
     if args.profile:
         return profile_step(args, device)
-    out = {'device': torch.cuda.get_device_name() if cuda else f'cpu, {torch.get_num_threads()} threads',
+    out = {'device': run.name if cuda else f'cpu, {torch.get_num_threads()} threads',
            'torch': torch.__version__, 'quick': q, 'load_avg': round(os.getloadavg()[0], 2)}
     if not cuda and out['load_avg'] > 0.5 * (os.cpu_count() or 1):
         # ratios survive steady load, but OpenMP threads that wait on descheduled siblings make many-small-op

@@ -1,7 +1,7 @@
 """
-The command line every script shares: config files and --key=value overrides, the device they choose,
-progress on the terminal, and one-line errors (UserError, run). No script imports another script; they
-share this module and the other modules beside it (dataset, checkpoint, model, memory, optim, copycheck).
+The command line every script shares: config files and --key=value overrides, progress on the terminal,
+and one-line errors (UserError, run). No script imports another script; they share this module and the
+other modules beside it (devices, dataset, checkpoint, model, memory, optim, copycheck).
 """
 
 import ast
@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import traceback
-from contextlib import nullcontext
 
 import torch
 
@@ -377,73 +376,6 @@ def call_main(main, *args, going_on_without_stdout=None):
     if not quiet:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-# ----------------------------------------------------------------------------------------------
-# Devices
-
-def pick_device(device, dtype):
-    """(device, torch dtype) for the device/dtype keys: 'auto' is cuda > mps > cpu, and bf16 autocast on
-    CUDA (fp16 on GPUs without bf16), fp32 elsewhere."""
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    kind, _, index = device.partition(':')
-    if kind not in ('cuda', 'mps', 'cpu') or (index and (kind != 'cuda' or not index.isdigit())):
-        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
-    if kind == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f"device={device} but CUDA is not available: use --device=cpu")
-    if kind == 'cuda' and index and int(index) >= torch.cuda.device_count():
-        raise UserError(f"device={device} but there are {torch.cuda.device_count()} CUDA devices: use cuda:0 ...")
-    if kind == 'mps' and not torch.backends.mps.is_available():
-        raise UserError("device=mps but this torch has no MPS (Apple GPU) support: use --device=cpu")
-    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    if dtype == 'auto':
-        dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device.startswith('cuda') else 'float32'
-    return device, getattr(torch, dtype)
-
-
-def autocast(device_type, dtype):
-    """Mixed precision for the forward pass: nothing in fp32, autocast otherwise."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device_type=device_type, dtype=dtype)
-
-
-def sync(device_type):
-    """Wait for the device, so that a timing covers the work and not just its launch."""
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-    elif device_type == 'mps':
-        torch.mps.synchronize()
-
-
-def matmul_flops(device, dtype, seconds=0.2):
-    """This device's measured matmul rate (FLOP/s) in dtype, from square matmuls timed for a fraction of a
-    second: what a training step's speed is a fraction of."""
-    n = 1024 if device.startswith('cpu') else 4096
-    g = torch.Generator(device).manual_seed(0)   # its own: a run's random streams are not touched
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    a @ b   # warm-up: libraries load, clocks rise
-    sync(device.split(':')[0])
-    calls, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or calls < 2:
-        a @ b
-        calls += 1
-        sync(device.split(':')[0])
-    return 2 * n ** 3 * calls / (time.perf_counter() - t0)
-
-
-# dense bf16 tensor-core FLOP/s by GPU name, for MFU
-PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'H800': 989e12, 'GH200': 989e12, 'B200': 2250e12, 'A100': 312e12,
-              'A800': 312e12, 'A6000': 155e12, 'L40S': 362e12, 'L40': 181e12, 'L4': 121e12, 'A10': 125e12,
-              '4090': 165e12, '3090': 71e12, 'V100': 125e12, 'T4': 65e12}
-
-
-def gpu_peak_flops(device_type):
-    if device_type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def keep_freed_memory():

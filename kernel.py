@@ -17,20 +17,18 @@ from torch.utils.checkpoint import checkpoint
 def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     """(N, K) @ (G, K, M) -> (N, M) with rows split into G groups at offs (offs[g] = end of group g);
     or (K, N) @ (N, M) -> (G, K, M), the weight gradient. An opaque op to torch.compile, whose own shape
-    function for F.grouped_mm accepts only bf16. F.grouped_mm where its kernel exists (CPU; CUDA with
-    bf16 on compute capability 8.0+), else one matmul per group (fp16 GPUs such as the T4 and V100,
-    float64 anywhere)."""
+    function for F.grouped_mm accepts only bf16. F.grouped_mm wherever it takes the dtype, else one matmul
+    per group (float64; MPS)."""
     if has_grouped_mm_kernel(a):
         return F.grouped_mm(a, b, offs=offs)
     return grouped_mm_loop(a, b, offs)
 
 
 def has_grouped_mm_kernel(a):
-    if not hasattr(F, 'grouped_mm'):   # torch before 2.9
-        return False
-    if a.device.type == 'cpu':
-        return a.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    return a.device.type == 'cuda' and a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+    """F.grouped_mm takes fp32, bf16 and fp16 on the CPU and on CUDA. On CUDA its one grouped kernel needs
+    bf16 on compute capability 9.x or 10.x; elsewhere torch runs its own loop, the same as grouped_mm_loop
+    (the group sizes copied to the host, then one matmul per group), writing into one output."""
+    return a.device.type in ('cpu', 'cuda') and a.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def grouped_mm_loop(a, b, offs):
@@ -89,8 +87,9 @@ def linear_cross_entropy(h, w, targets, dtype, reduction='mean'):
 class LinearCrossEntropy(torch.autograd.Function):
     """The loss of linear_cross_entropy. Rows go through in chunks; when gradients are wanted, each
     chunk's gradients (softmax - one-hot, times w and times h) are computed right away, in the forward
-    pass, while its logits are at hand, and backward only scales them. The weight's gradient
-    accumulates in fp32."""
+    pass, while its logits are at hand, and backward only scales them. The weight's gradient is summed
+    in fp32 and divided by the count before it takes the weight's dtype: in fp16 one chunk's sum would
+    overflow, whatever the loss scale."""
 
     @staticmethod
     def forward(ctx, h, w, targets, dtype, reduction, need_grad):
@@ -117,15 +116,23 @@ class LinearCrossEntropy(torch.autograd.Function):
                 p *= vc[:, None]
                 p = p.to(dtype)
                 grad_h[start:start + rows] = p @ wd
-                grad_w += (p.t() @ hc).float()
+                grad_w += mm_fp32(p.t(), hc)   # a frequent target sums over a whole chunk: too much for fp16
         if need_grad:
-            ctx.save_for_backward(grad_h / n, grad_w.to(w.dtype) / n)
+            ctx.save_for_backward(grad_h / n, (grad_w / n).to(w.dtype))
         return per_row if per_row is not None else loss / n
 
     @staticmethod
     def backward(ctx, grad):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad, grad_w * grad, None, None, None, None
+
+
+def mm_fp32(a, b):
+    """a @ b with an fp32 result. On CUDA a low-precision matmul keeps its fp32 accumulator (mm's out_dtype,
+    CUDA only); elsewhere the operands go to fp32."""
+    if a.device.type == 'cuda' and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 class GatherRows(torch.autograd.Function):

@@ -110,14 +110,18 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-def attend(q, k, v, attn_mask, is_causal, scale=None):
+def attend(q, k, v, attn_mask, is_causal, scale=None, expand_kv=False):
     """Attention over keys that start with the latent slots: q (B, T, H, Dqk), k (B, S, Hkv, Dqk),
     v (B, S, Hkv, Dv) -> (B, T, H*Dv). is_causal: the keys are exactly [S-T latents; the T query tokens]. We prepend S-T zero queries so
     that the square causal mask lets token t see every latent and tokens <= t, then drop their rows:
     SDPA's is_causal kernel skips the masked upper triangle, which an explicit mask cannot.
-    Otherwise attn_mask is None (decode: every cached key is visible) or a bool (B, 1, T, S) mask."""
+    Otherwise attn_mask is None (decode: every cached key is visible) or a bool (B, 1, T, S) mask.
+    expand_kv: copy each key/value head out to the query heads that share it, for the GPUs whose fused
+    attention kernel takes no grouped heads (devices.DevicePlan.attention); the result is the same."""
     B, T = q.shape[:2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if expand_kv and k.size(1) != q.size(1):   # head h reads key/value head h // (H / Hkv), as enable_gqa does
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
     gqa = k.size(1) != q.size(1)
     if is_causal:
         n_prefix = k.size(2) - T
@@ -135,6 +139,7 @@ class LatentTokenAttention(nn.Module):
     """Grouped-query attention: n_head query heads share n_kv_head key/value heads (the card: 12 and 4).
     Each layer owns n_latent learnable vectors whose keys and values sit ahead of the sequence,
     unrotated, visible to every query (a learned attention sink)."""
+    expand_kv = False   # hand SDPA one key/value head per query head: set per GPU by devices.DevicePlan.apply
 
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -161,7 +166,7 @@ class LatentTokenAttention(nn.Module):
             k, v = torch.cat([k_lat.to(k.dtype), k], 1), torch.cat([v_lat.to(v.dtype), v], 1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        return self.wo(attend(q, k, v, attn_mask, is_causal))
+        return self.wo(attend(q, k, v, attn_mask, is_causal, expand_kv=self.expand_kv))
 
 
 # ----------------------------------------------------------------------------------------------

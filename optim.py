@@ -32,9 +32,12 @@ class Muon(torch.optim.Optimizer):
 
 def orthogonalize(g, steps, eps=1e-7):
     """The matrices of g (..., rows, cols) pushed towards the nearest semi-orthogonal ones (singular values
-    near 1) by a quintic Newton-Schulz iteration in bf16, with Muon's coefficients."""
+    near 1) by a quintic Newton-Schulz iteration with Muon's coefficients. In bf16 on GPUs that compute in
+    it, as Muon's authors run it; in fp32 elsewhere: a CPU without bf16 matrix units (AVX2 and most laptop
+    chips) runs bf16 batched matmuls many times slower than fp32 ones."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16().reshape(-1, *g.shape[-2:])
+    fast_bf16 = g.is_cuda and torch.cuda.get_device_capability(g.device) >= (8, 0)
+    x = g.to(torch.bfloat16 if fast_bf16 else torch.float32).reshape(-1, *g.shape[-2:])
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT

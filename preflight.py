@@ -292,8 +292,8 @@ def plan_memory(cfg, mconf, dev, world):
     low = dev.dtype != torch.float32
     shards = world if cfg['fsdp'] else 1
     try:
-        on, est, line = memory.plan(mconf, cfg['batch_size'], cfg['gradient_accumulation_steps'], low,
-                                    memory.device_memory(dev.device), shards, cfg['activation_checkpointing'])
+        on, est, line = memory.plan(mconf, cfg['batch_size'], cfg['gradient_accumulation_steps'], low, dev.memory,
+                                    shards, cfg['activation_checkpointing'], dev.attention(mconf)[1])
     except ValueError as e:
         raise UserError(f"{e} (estimate for {dev.device}, {str(dev.dtype).removeprefix('torch.')}, "
                         f"batch {cfg['batch_size']} x {mconf.block_size})") from None
@@ -343,6 +343,7 @@ def announce(cfg, mconf, data, dev, world, model, start, memory_line, tokens_per
           f"vocab {data.meta['n_vocab']})")
     print(f"run: {dev.line}, {world} process(es){', FSDP' if cfg['fsdp'] else ''}, {tokens_per_iter:,} tokens/iter, "
           f"{flops_per_token / 1e9:.3f} GFLOP/token, {'resuming at iter ' + str(start) if start else 'from scratch'}")
+    print(dev.kernels(mconf, cfg['fsdp']))
     print(memory_line, flush=True)
     rate = dev.matmul_flops()
     step_s = flops_per_iter / (0.5 * rate)   # a training step runs at about half the matmul rate (bench.py)

@@ -49,7 +49,7 @@ class Log:
         self.cfg, self.dev, self.master, self.distributed, self.world = cfg, dev, master, distributed, world
         self.path = os.path.join(cfg['out_dir'], 'log.jsonl')
         self.tokens_per_iter = cfg['batch_size'] * block_size * cfg['gradient_accumulation_steps'] * world
-        self.first, self.flops_per_iter = start + 1, None
+        self.first, self.flops_per_iter, self.clock = start + 1, None, Clock(cfg['max_iters'], start)
         self.evals, self.cut_at = [], None   # (iter, train loss, val loss) of each evaluation; (iter, records)
         if not master:
             return
@@ -99,8 +99,8 @@ class Log:
                    f"train {ev['train_max_vio']:.3f} (mean {ev['train_max_vio_mean']:.3f})"
                    + (f" | peak memory {ev['peak_mem_gb']:.1f} GiB" if 'peak_mem_gb' in ev else '') + note)
 
-    def step(self, it, loss, grad_norm, balance, timing, lr):
-        step_s, eta = timing
+    def step(self, it, loss, grad_norm, balance, lr):
+        step_s, eta = self.clock.lap(it)
         if self.distributed:   # the mean over processes of each one's loss
             torch.distributed.all_reduce(loss)
             loss = loss / self.world
@@ -122,9 +122,9 @@ class Log:
                    f"{self.tokens_per_iter / step_s:,.0f} tok/s | {speed} | grad {grad:.2f} | MaxVio {vio:.3f} | "
                    f"ETA {cli.fmt_time(eta)}")
 
-    def final(self, it, final, clock, raw_model, best_val_loss):
-        elapsed = time.time() - clock.t_start
-        summary = {'kind': 'summary', 'iter': it, 'time_s': elapsed, 'tokens_seen': (it - clock.start) * self.tokens_per_iter,
+    def final(self, it, final, raw_model, best_val_loss):
+        elapsed = time.time() - self.clock.t_start
+        summary = {'kind': 'summary', 'iter': it, 'time_s': elapsed, 'tokens_seen': (it - self.clock.start) * self.tokens_per_iter,
                    'params': raw_model.num_params(), 'active_params': raw_model.num_params(active=True),
                    'best_val_loss': best_val_loss}
         result = f"best val loss {best_val_loss:.4f}"
@@ -135,7 +135,7 @@ class Log:
             result = f"whole val split: loss {final['val_loss']:.4f}, bpb {final['val_bpb']:.4f}"
         if self.dev.type == 'cuda':
             summary['peak_mem_gb'] = torch.cuda.max_memory_allocated(self.dev.device) / 2**30
-        self.write(summary, f"done: {it - clock.start} iters in {cli.fmt_time(elapsed)}, {summary['tokens_seen']:,} tokens; "
+        self.write(summary, f"done: {it - self.clock.start} iters in {cli.fmt_time(elapsed)}, {summary['tokens_seen']:,} tokens; "
                             f"{result}; checkpoints in {self.cfg['out_dir']}/")
 
 

@@ -31,6 +31,7 @@ import checkpoint
 import cli
 import copycheck
 import dataset
+import devices
 import preflight
 from cli import UserError
 from dataset import EOT
@@ -70,8 +71,7 @@ def main(argv):
     cfg, _ = cli.parse_config(argv, DEFAULTS, skip_file_keys=True)   # of a training config: its out_dir
     cli.check_ranges(cfg, RULES)
     prompts, from_file = read_prompts(cfg['start'])   # before the (maybe slow) load: fail fast
-    dev, dt = cli.pick_device(cfg['device'], cfg['dtype'])
-    device_type = dev.split(':')[0]
+    dev = devices.plan(cfg['device'], cfg['dtype'])
 
     # --- model and tokenizer, both from the checkpoint --------------------------------------------
     path = preflight.checkpoint_file(cfg['out_dir'], cfg['ckpt'])
@@ -82,16 +82,17 @@ def main(argv):
     enc = dataset.load_tokenizer(ck['tokenizer'])
     eot = enc.encode_single_token(EOT)
     try:
-        model = DeepSeekLM.from_state_dict(mconf, ck['model'], dev)
+        model = DeepSeekLM.from_state_dict(mconf, ck['model'], dev.device)
     except RuntimeError as e:
         raise UserError(f"{path} does not fit model.py ({str(e).splitlines()[0]})") from None
     model.eval()
+    dev.apply(model)
     if cfg['compile']:
         model.compile(dynamic=True)   # compiles forward, which generation calls once per token
     val, best = ck.get('val_loss', ck['best_val_loss']), ck['best_val_loss']
     better = f" (the run's best was {best:.4f}: --ckpt=best samples that model)" if val > best else ''
     print(f"loaded {path} in {time.time() - t_load:.1f}s: iter {ck['iter_num']}, val loss {val:.4f}{better} | "
-          f"{model.num_params():,} parameters | {dev}, {str(dt).removeprefix('torch.')}", file=sys.stderr)
+          f"{model.num_params():,} parameters | {dev.line}", file=sys.stderr)
     trained_on, tokenizer_spec = ck.get('data'), ck['tokenizer']
     del ck
 
@@ -110,8 +111,8 @@ def main(argv):
 
     # --- generate and print, one sample at a time: a prefill, then one token per step --------------
     def tokens(prompt_ids, n):
-        idx = torch.tensor([prompt_ids], device=dev)
-        with cli.autocast(device_type, dt):
+        idx = torch.tensor([prompt_ids], device=dev.device)
+        with dev.autocast():
             for nxt in model.generate_tokens(idx, n, temperature=cfg['temperature'], top_k=cfg['top_k'] or None,
                                              top_p=cfg['top_p'], use_cache=cfg['use_cache']):
                 yield int(nxt[0])
@@ -120,7 +121,7 @@ def main(argv):
         pass
     token_text = dataset.text_bytes(enc, mconf.vocab_size)
     torch.manual_seed(cfg['seed'])
-    cli.sync(device_type)
+    dev.sync()
     t0, n_new, texts, completions = time.time(), 0, [], []
     for i, prompt_ids in enumerate(ids):
         print(f"--- sample {i + 1} ---", flush=True)
@@ -134,7 +135,7 @@ def main(argv):
             text.add([token])
         texts.append(text.end())
         completions.append(texts[-1][prompt_chars:])
-    cli.sync(device_type)
+    dev.sync()
     seconds = time.time() - t0
     print(f"{n_new:,} tokens in {seconds:.2f}s: {n_new / max(seconds, 1e-9):,.1f} tokens/s ({len(ids)} sample"
           f"{'s' if len(ids) > 1 else ''} x up to {cfg['max_new_tokens']} new tokens, KV cache "

@@ -91,8 +91,7 @@ def main(argv):
     distributed, master = 'RANK' in os.environ, rank == 0
     dev = devices.plan(cfg['device'], cfg['dtype'], cfg['compile'], local_rank if distributed else None)
     cli.keep_freed_memory()
-    torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls (the loss's, the router's) on tensor cores
-    torch.backends.cudnn.allow_tf32 = True
+    dev.apply()   # this process's settings for the device (docs/full-size.md says which and why)
     if distributed:
         try:
             torch.distributed.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo')
@@ -127,7 +126,7 @@ def train(cfg, mconf, data, dev, processes, ckpt, recompute, memory_line, heartb
     rank, world, distributed = processes
     master = rank == 0
     torch.manual_seed(cfg['seed'])   # the model: the same initial weights on every process (each its own dropout)
-    model = raw_model = build_model(mconf, ckpt, recompute).to(dev.device)
+    model = raw_model = build_model(mconf, ckpt, dev, recompute)
     if distributed:
         torch.manual_seed(cfg['seed'] + rank)
     if dev.compile:   # torch.compile(block) in place, block by block: one graph serves all layers, in seconds
@@ -135,8 +134,8 @@ def train(cfg, mconf, data, dev, processes, ckpt, recompute, memory_line, heartb
             block.compile(fullgraph=True)
     if cfg['fsdp']:   # each process keeps 1/world of the weights, gradients and AdamW state
         for block in raw_model.blocks:
-            fully_shard(block, **dev.fsdp)
-        fully_shard(raw_model, **dev.fsdp)
+            fully_shard(block, **dev.fsdp)   # gathered in the run's dtype, gradients reduced in fp32
+        fully_shard(raw_model)   # the embedding and head stay fp32, and so does the residual stream
     elif distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.device] if dev.type == 'cuda' else None, broadcast_buffers=False)
@@ -152,7 +151,6 @@ def train(cfg, mconf, data, dev, processes, ckpt, recompute, memory_line, heartb
 
     # --- the loop ------------------------------------------------------------------------------------------
     model.train()
-    clock = runlog.Clock(cfg['max_iters'], start)
     accum = cfg['gradient_accumulation_steps']
     while True:
         lr = get_lr(iter_num, cfg)
@@ -165,7 +163,7 @@ def train(cfg, mconf, data, dev, processes, ckpt, recompute, memory_line, heartb
             log.evaluation(iter_num, ev)
             best_val_loss = save_checkpoints(cfg, raw_model, optimizers, scaler, data, mconf, dev, distributed, rank,
                                              world, iter_num, best_val_loss, run_id, data_rng, ev, last, log)
-            clock.restart(iter_num)   # keep evaluations out of the step timing
+            log.clock.restart(iter_num)   # keep evaluations and checkpoints out of the step timing
         if last:
             break
 
@@ -193,27 +191,31 @@ def train(cfg, mconf, data, dev, processes, ckpt, recompute, memory_line, heartb
         balance = raw_model.update_router_bias()   # from the expert counts of every micro-batch and process
         iter_num += 1
         if iter_num % cfg['log_interval'] == 0 or iter_num == start + 1:
-            log.step(iter_num, step_loss, grad_norm, balance, clock.lap(iter_num), lr)
+            log.step(iter_num, step_loss, grad_norm, balance, lr)
 
     # --- the result: the final model on the whole validation split ---------------------------------------------
     heartbeat.beat('scoring the whole validation split')
     final = cfg['final_eval'] and evaluate_whole(model, raw_model, data, mconf.block_size, cfg['batch_size'], dev, master)
-    log.final(iter_num, final, clock, raw_model, best_val_loss)
+    log.final(iter_num, final, raw_model, best_val_loss)
+    del model   # DDP's wrapper owns threads of the process group: freed while the group is still there
     if distributed:
-        finish_processes(model, raw_model, cfg['fsdp'], dev, master)
+        finish_processes(raw_model, cfg['fsdp'], dev, master)
     return final
 
 
-def build_model(mconf, ckpt, recompute=False):
-    """The model on the CPU: drawn at random, or (built on the meta device, so nothing is drawn for nothing)
-    with every weight from the checkpoint. recompute: activation checkpointing, a block keeps only its
-    input for backward and runs its forward again there."""
+def build_model(mconf, ckpt, dev, recompute=False):
+    """The model on the plan's device, its attention laid out for the device's kernel: drawn at random (on
+    the CPU, so that a seed gives the same weights everywhere), or with every weight from the checkpoint
+    (built on the meta device, so that nothing is drawn for nothing). recompute: activation checkpointing,
+    a block keeps only its input for backward and runs its forward again there."""
     try:
         model = DeepSeekLM(mconf) if ckpt is None else DeepSeekLM.from_state_dict(mconf, ckpt['model'])
     except RuntimeError as e:   # well formed, but written by another version of model.py
         raise UserError(f"the checkpoint does not fit this model.py ({str(e).splitlines()[0]}): train a new "
                         f"model into another --out_dir") from None
     model.activation_checkpointing = recompute
+    model.to(dev.device)
+    dev.apply(model)
     return model
 
 
@@ -337,7 +339,7 @@ def evaluate_whole(model, raw_model, data, block_size, batch_size, dev, show):
 
 def score_checkpoint(ckpt, mconf, data, cfg, dev, master):
     """--eval_only: the checkpoint's model on the whole validation split, printed as one JSON record."""
-    model = build_model(mconf, ckpt).to(dev.device)
+    model = build_model(mconf, ckpt, dev)
     result = {'kind': 'final', 'iter': ckpt['iter_num'],
               **evaluate_whole(model, model, data, mconf.block_size, cfg['batch_size'], dev, master)}
     if master:
@@ -420,10 +422,9 @@ def resume_state(ckpt, raw_model, optimizers, scaler, data_rng, cfg, dev, rank, 
     return ckpt['iter_num'], ckpt['best_val_loss'], ckpt['run_id']
 
 
-def finish_processes(model, raw_model, fsdp, dev, master):
+def finish_processes(raw_model, fsdp, dev, master):
     """Check that every process ends with the same router biases (and under DDP the same weights: FSDP's
-    are shards of one copy), then tear down in order: wait for every process, then free the wrapper (it
-    owns the process group's threads) while Python is still alive; left to interpreter exit, gloo can abort."""
+    are shards of one copy), then wait for every process and tear the process group down."""
     tensors = [t for k, t in raw_model.state_dict().items() if not fsdp or k.endswith('expert_bias')]
     fp = torch.stack([t.detach().double().sum() for t in tensors]).to(dev.device)
     lo, hi = fp.clone(), fp.clone()
@@ -435,7 +436,6 @@ def finish_processes(model, raw_model, fsdp, dev, master):
         print(f"{'fsdp' if fsdp else 'ddp'}: {torch.distributed.get_world_size()} ranks "
               f"{'hold identical' if same else 'DIVERGED in'} {what}")
     torch.distributed.barrier()
-    del model
     torch.distributed.destroy_process_group()
 
 

@@ -974,8 +974,10 @@ def test_muon_matches_torch_muon_on_matrices_and_runs_each_expert_on_its_own():
         ref[0].grad, ref[1].grad, ref[2].grad = grads[0], grads[1][0], grads[1][1]
         opt.step()
         opt_ref.step()
-    torch.testing.assert_close(ours[0], ref[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours[1], torch.stack(ref[1:]), atol=2e-3, rtol=2e-3)   # bf16 batched vs single
+    # torch's Muon iterates in bf16, ours in fp32 on a CPU: they agree to bf16's rounding, far below the
+    # difference a wrong update size would make (the steps move the weights by about 1e-2)
+    torch.testing.assert_close(ours[0], ref[0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(ours[1], torch.stack(ref[1:]), atol=2e-3, rtol=2e-3)
     assert (ours[0] - w2d).abs().max() > 1e-3
 
 

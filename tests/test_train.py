@@ -197,9 +197,10 @@ def test_progress_from_the_first_minute(data_dir, tmp_path, capsys, monkeypatch)
     with pytest.raises(Stop):
         train_here(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/slow', '--max_iters=1000000000')
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(':')[0] for line in lines] == ['model', 'data', 'run', 'memory', 'expected', 'note', 'note']
-    assert 's per step' in lines[4] and 'passes over the train split' in lines[4] and 'memorises' in lines[5]
-    assert 'config/deepseek_mini.py' in lines[6] and 'days' in lines[6]
+    assert [line.split(':')[0] for line in lines] == ['model', 'data', 'run', 'kernels', 'memory', 'expected', 'note',
+                                                      'note']
+    assert 's per step' in lines[5] and 'passes over the train split' in lines[5] and 'memorises' in lines[6]
+    assert 'config/deepseek_mini.py' in lines[7] and 'days' in lines[7]
     monkeypatch.undo()
     train_here(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/first', '--max_iters=3', '--log_interval=50')
     lines = capsys.readouterr().out.splitlines()
@@ -258,11 +259,11 @@ def test_memory_plan_turns_checkpointing_on_and_refuses_what_cannot_fit(data_dir
     plain, recomputed = (memory.estimate(mconf, 4, False, on)['total'] for on in (False, True))
     assert recomputed < plain
     args = [*TINY, f'--data_dir={data_dir}', '--max_iters=2', '--eval_interval=2']
-    monkeypatch.setattr(memory, 'device_memory', lambda dev: (plain + recomputed) / 2 / memory.HEADROOM)
+    monkeypatch.setattr(devices, 'ram', lambda: (plain + recomputed) / 2 / memory.HEADROOM)
     train_here(*args, f'--out_dir={tmp_path}/auto')
     assert 'activation checkpointing on (on: the step would not fit without it)' in capsys.readouterr().out
     small = memory.estimate(mconf, 1, False, True)['total'] * 1.01 / memory.HEADROOM
-    monkeypatch.setattr(memory, 'device_memory', lambda dev: small)
+    monkeypatch.setattr(devices, 'ram', lambda: small)
     message = refused(*args, '--batch_size=4', f'--out_dir={tmp_path}/big', match='more than 90% of the device')
     assert not os.path.exists(f'{tmp_path}/big')
     fix = message.split('try ')[1].split(' (the same')[0].split()
