@@ -33,9 +33,9 @@ def test_mini_config_prepare_train_sample(tmp_path):
 
 
 @pytest.mark.parametrize('config', ['config/deepseek.py', 'config/deepseek_mla.py'])
-def test_full_size_configs_run_on_cpu_with_small_overrides(tmp_path, config):
-    """The reference vocabulary, width, heads and experts, with one of the 24 layers (the checkpoint of two
-    would be twice as large to write) and tiny batches."""
+def test_full_size_configs_run_on_cpu_with_small_overrides(tmp_path, config, tinystories_mirror):
+    """Their own data (TinyStories, in miniature on 127.0.0.1), the reference vocabulary, width, heads and
+    experts, with one of the 24 layers (the checkpoint of two would be twice as large to write) and tiny batches."""
     data, out = str(tmp_path / 'data'), str(tmp_path / 'out')
     run('prepare.py', config, f'--data_dir={data}', '--max_docs=6', '--val_docs=1')
     p = run('train.py', config, f'--data_dir={data}', f'--out_dir={out}', '--device=cpu', '--n_layer=1',
@@ -50,7 +50,7 @@ def test_full_size_configs_run_on_cpu_with_small_overrides(tmp_path, config):
 
 
 @pytest.mark.skipif(not os.environ.get('SLOW'), reason='minutes on a CPU: SLOW=1 python -m pytest tests/test_e2e.py')
-def test_card_model_fp16_path_end_to_end_on_cpu(tmp_path, monkeypatch, capsys):
+def test_card_model_fp16_path_end_to_end_on_cpu(tmp_path, monkeypatch, capsys, tinystories_mirror):
     """What a T4 user runs, at the card's shapes (all 24 layers, 49,152 tokens) with a small batch, on the
     CPU: fp16 autocast with the GradScaler, the per-expert fallback (no grouped-matmul kernel), activation
     checkpointing; a few steps with finite, falling loss, a resume, and five samples."""
