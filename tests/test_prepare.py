@@ -989,7 +989,7 @@ def test_the_bpe_sample_is_spread_over_the_train_split(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, 'PIECE_CHARS', 100)   # a long document comes in pieces of about 100 characters
     (tmp_path / 'big.txt').write_text(''.join(f"line {i:05d}\n" for i in range(10_000)))   # 110,000 bytes
     cfg = dict(prepare.DEFAULTS, dataset='big', input=str(tmp_path / 'big.txt'))
-    sample = ''.join(text for _, text in prepare.get_source(cfg, str(tmp_path / 'd'))['sample']())
+    sample = ''.join(text for _, text in prepare.get_source(cfg, str(tmp_path / 'd'), [])['sample']())
     lines = [int(n) for n in re.findall(r'\d{5}', sample)]
     assert 1000 < len(sample) < 3000 and lines[0] == 0 and 8000 < lines[-1] < 9000   # the train split: 90%
     assert len({n // 500 for n in lines}) >= 17   # from nearly every twentieth of it
