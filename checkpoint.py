@@ -131,14 +131,15 @@ def remove(*paths):
 
 def write_atomic(path, write):
     """A file written whole or not at all: write(f) fills path + '.tmp', which is flushed to disk and renamed
-    over path (a crash or a full disk leaves path as it was)."""
+    over path (a crash or a full disk leaves path as it was). Returns what write returns."""
     tmp = path + '.tmp'
     try:
         with open(tmp, 'wb') as f:
-            write(f)
+            result = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        return result
     finally:
         remove(tmp)
 

@@ -207,16 +207,15 @@ def read_config_file(path):
             if not k.startswith('_') and not (inspect.ismodule(v) or inspect.isfunction(v) or inspect.isclass(v))}
 
 
-def check_file(path, what):
-    """path, if it is a regular file to read. A missing path, a folder, or a pipe or device (which would
-    hang the reader) is a UserError that says which."""
-    if os.path.isfile(path):
+def check_file(path, what='', fix="give the path of a file", missing_ok=False):
+    """path, if it is a regular file to read (or, with missing_ok, nothing at all). A missing path, a folder, a
+    pipe or device (which would hang the reader) or a broken link is a UserError that says which."""
+    if os.path.isfile(path) or missing_ok and not os.path.lexists(path):
         return path
-    if os.path.isdir(path):
-        raise UserError(f"{what} {path} is a folder, not a file: give the path of a file")
-    if os.path.exists(path):
-        raise UserError(f"{what} {path} is not a regular file (a pipe or a device): give the path of a file")
-    raise UserError(f"{what} {path} not found")
+    kind = ('is a folder, not a file' if os.path.isdir(path) else 'is not a regular file (a pipe or a device)'
+            if os.path.exists(path) else 'is a broken link (to a missing file, or links in a loop)'
+            if os.path.lexists(path) else 'not found')
+    raise UserError(f"{what} {path} {kind}: {fix}".lstrip())
 
 
 def check_ranges(cfg, rules):

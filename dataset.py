@@ -5,6 +5,7 @@ for sample.py.
 """
 
 import base64
+import concurrent.futures
 import ctypes
 import errno
 import itertools
@@ -17,6 +18,7 @@ import zlib
 import numpy as np
 import tiktoken
 
+import checkpoint
 import cli
 from cli import UserError, show
 
@@ -28,7 +30,7 @@ from cli import UserError, show
 # What a dataset is made of. prepare.py takes all of these; train.py reads dataset, data_dir and
 # the model's vocab_size, and skips the others when a config file sets them.
 DATASET_DEFAULTS = dict(
-    dataset='shakespeare',  # 'shakespeare' (bundled, offline), 'tinyshakespeare', 'tinystories', or your own name with url/input
+    dataset='tinystories',  # 'tinystories' (2.2 GB download), 'shakespeare' (offline), 'tinyshakespeare', or your own
     data_dir='',            # '' = data/<dataset>
     vocab_size=49152,       # target vocabulary of our BPE, <|endoftext|> included (a small corpus may stop short)
     tokenizer='bpe',        # 'bpe' trains our own with rustbpe; or tiktoken's 'gpt2', 'r50k_base', 'cl100k_base', 'o200k_base'
@@ -45,7 +47,7 @@ DATASET_FILES = ('train.bin', 'val.bin', RANKS_FILE, 'meta.json')   # a dataset:
 META_MAX_BYTES = 2**26      # ours are kilobytes (megabytes for --input folders of many files)
 RANKS_MAX_BYTES = 2**30     # 2**24 tokens take under 400 MB
 BATCH_CHARS = 8 * 2**20     # text tokenized at a time: memory stays bounded for any input size
-THREADS = min(8, os.cpu_count() or 1)
+THREADS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1   # encoders
 ANNOUNCE_MB = 16            # a split this large is announced before it is tokenized (it takes a while)
 PRETRAINED = ('gpt2', 'r50k_base', 'cl100k_base', 'o200k_base')
 
@@ -56,7 +58,7 @@ def data_dir_of(cfg):
     return os.path.expanduser(path)
 
 
-BUILTIN = ('shakespeare', 'tinyshakespeare', 'tinystories')   # prepare.py knows where their text is
+BUILTIN = ('tinystories', 'shakespeare', 'tinyshakespeare')   # prepare.py knows where their text is
 
 
 def prepare_command(data_dir, args=None):
@@ -64,11 +66,9 @@ def prepare_command(data_dir, args=None):
     caller knows them; otherwise a guess from the folder's name."""
     if args is not None:
         return cli.repo_command('prepare.py', args)
-    norm = os.path.normpath(data_dir)
-    if norm == os.path.join('data', 'shakespeare'):
-        return 'python prepare.py'
-    if norm in (os.path.join('data', name) for name in BUILTIN[1:]):
-        return f'python prepare.py --dataset={os.path.basename(norm)}'
+    name = os.path.basename(os.path.normpath(data_dir))
+    if os.path.normpath(data_dir) == os.path.join('data', name) and name in BUILTIN:
+        return 'python prepare.py' + (f' --dataset={name}' if name != DATASET_DEFAULTS['dataset'] else '')
     return 'python prepare.py CONFIG (the config and overrides you give train.py)'
 
 
@@ -106,18 +106,21 @@ def same_tokenizer(entry, spec):
 
 
 META_TYPES = {'format': int, 'dataset': str, 'source': dict, 'tokenizer': dict, 'n_vocab': int, 'dtype': str,
-              'eot_id': int, 'train_tokens': int, 'val_tokens': int, 'config': dict}
+              'eot_id': int, 'train_tokens': int, 'val_tokens': int, 'config': dict, 'source.sha256': str,
+              'source.description': str, 'source.val_names': list, 'tokenizer.kind': str, 'tokenizer.name': str}
 
 
 def read_meta(data_dir, command=None):
     """data_dir/meta.json, checked: every field of the right type, and .bin files of the promised sizes.
     A dataset whose meta.json is missing, old or inconsistent is a UserError that says how to redo it
-    (with command, the prepare command, where the caller knows it)."""
+    (with command, the prepare command, where the caller knows it). What a reader may then rely on without
+    reading the .bin files: each holds exactly {split}_tokens ids of dtype, every id below n_vocab (prepare.py
+    checked each one as it wrote it), each document starting with eot_id; a file damaged since is not seen."""
     redo = f"run `{command or prepare_command(data_dir)}`"
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.lexists(path):
         raise UserError(f"no dataset in {data_dir}: {redo} first")
-    check_ours(path, f"move it away, then {redo}")   # a folder, or a pipe that would hang the reader
+    cli.check_file(path, fix=f"move it away, then {redo}")   # a folder, or a pipe that would hang the reader
     if os.path.getsize(path) > META_MAX_BYTES:
         raise UserError(f"{path} is {os.path.getsize(path):,} bytes, not a meta.json of prepare.py: {redo} "
                         f"with --force")
@@ -128,16 +131,13 @@ def read_meta(data_dir, command=None):
         raise UserError(f"{path} is unreadable ({type(e).__name__}): {redo} with --force") from None
     if not isinstance(meta, dict) or meta.get('format') != DATA_FORMAT:
         raise UserError(f"{path} is from another version of prepare.py: {redo} with --force")
-    for key, kind in META_TYPES.items():
-        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise UserError(f"{path}: '{key}' should be {kind.__name__}, got {meta.get(key)!r}: {redo} with --force")
-    inner = {'source.sha256': str, 'source.description': str, 'source.val_names': list, 'tokenizer.kind': str,
-             'tokenizer.name': str, **({'tokenizer.pattern': str} if meta['tokenizer'].get('kind') == 'bpe' else {})}
-    for key, kind in inner.items():
-        outer, field = key.split('.')
-        if not isinstance(meta[outer].get(field), kind):
-            raise UserError(f"{path}: '{key}' should be {kind.__name__}, got {show(meta[outer].get(field))}: {redo} "
-                            f"with --force")
+    bpe = isinstance(meta.get('tokenizer'), dict) and meta['tokenizer'].get('kind') == 'bpe'
+    for key, kind in {**META_TYPES, **({'tokenizer.pattern': str} if bpe else {})}.items():
+        value = meta   # 'a.b': meta['a']['b'], after meta['a'] was found to be a dict
+        for name in key.split('.'):
+            value = value.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{path}: '{key}' should be {kind.__name__}, got {show(value)}: {redo} with --force")
     if not isinstance(meta.get('command', ''), str):   # the prepare command that wrote it; older data has none
         raise UserError(f"{path}: 'command' should be str, got {show(meta['command'])}: {redo} with --force")
     if meta['dtype'] not in ('uint16', 'uint32'):
@@ -145,7 +145,7 @@ def read_meta(data_dir, command=None):
     itemsize = np.dtype(meta['dtype']).itemsize
     for split in ('train', 'val'):
         bin_path = os.path.join(data_dir, f'{split}.bin')
-        check_ours(bin_path, f"move it away, then {redo}")
+        cli.check_file(bin_path, fix=f"move it away, then {redo}", missing_ok=True)
         want = meta[f'{split}_tokens'] * itemsize
         have = os.path.getsize(bin_path) if os.path.isfile(bin_path) else None
         if have != want:
@@ -162,10 +162,9 @@ def tokenizer_spec(data_dir, meta, command=None):
         return dict(kind='tiktoken', name=tok['name'], n_vocab=meta['n_vocab'])
     path = os.path.join(data_dir, RANKS_FILE)
     redo = f"run `{command or prepare_command(data_dir)}` with --force"
-    if os.path.lexists(path):
-        check_ours(path, f"move it away, then {redo}")
-        if os.path.getsize(path) > RANKS_MAX_BYTES:   # not read into memory
-            raise UserError(f"{path} is {os.path.getsize(path):,} bytes, not a tokenizer of prepare.py: {redo}")
+    cli.check_file(path, fix=f"move it away, then {redo}", missing_ok=True)
+    if os.path.exists(path) and os.path.getsize(path) > RANKS_MAX_BYTES:   # not read into memory
+        raise UserError(f"{path} is {os.path.getsize(path):,} bytes, not a tokenizer of prepare.py: {redo}")
     try:
         with open(path, encoding='ascii') as f:
             ranks = f.read()
@@ -229,36 +228,15 @@ def ranks_text(ranks):
 
 def parse_ranks(text):
     """Inverse of ranks_text(); the format tiktoken.load.load_tiktoken_bpe reads."""
-    ranks = {}
-    for line in text.splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in text.splitlines() if line)}
 
 
-def fix_for(error):
-    """What to do about an OSError from writing a file."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free some disk space"
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "choose a folder you can write to"
-    return "use a shorter path" if error.errno == errno.ENAMETOOLONG else "check the path"
-
-
-def kind_of(path):
-    """What path is, where it is there but not a regular file: a folder, a pipe or device, a broken link."""
-    if os.path.isfile(path) or not os.path.lexists(path):
-        return None
-    return 'a folder' if os.path.isdir(path) else 'a pipe or device' if os.path.exists(path) else 'a broken link'
-
-
-def check_ours(path, fix):
-    """A file that prepare.py writes and the scripts read must be a regular file: a folder cannot be read
-    or replaced, and a pipe would hang its reader."""
-    kind = kind_of(path)
-    if kind:
-        raise UserError(f"{path} is {kind}, not a file: {fix}")
+def cannot_write(error, path, then):
+    """The one line for an OSError from writing path (the error's own file name first): the fix, then `then`."""
+    fix = ("free some disk space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a folder you can "
+           "write to" if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "use a shorter path"
+           if error.errno == errno.ENAMETOOLONG else "check the path")
+    return UserError(f"cannot write {error.filename or path} ({error.strerror or error}): {fix}{then}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +245,7 @@ def check_ours(path, fix):
 # so a crash, Ctrl-C or a full disk midway leaves the old one as it was.
 
 def write(data_dir, meta, splits, enc, ranks=None):
-    """The dataset into data_dir (after recover(data_dir)): splits {'train' and 'val': (a function returning
+    """The dataset into data_dir (after discard_leftovers(data_dir)): splits {'train' and 'val': (a function returning
     (new_doc, text) pieces, about their size in MB or None)} tokenized by enc into train.bin and val.bin, the
     BPE's ranks text, and meta.json: meta with the vocabulary and the counts added, which it returns."""
     replace = os.path.lexists(os.path.join(data_dir, 'meta.json'))
@@ -280,51 +258,47 @@ def write(data_dir, meta, splits, enc, ranks=None):
         os.makedirs(new)
         for split, (pieces, size_mb) in splits.items():
             writing = os.path.join(new, f'{split}.bin')
-            counts = write_tokens(enc, pieces(), writing, dtype, split, size_mb)
+            counts = checkpoint.write_atomic(writing, lambda f: write_tokens(enc, pieces(), f, dtype, split, size_mb))
             if not counts['tokens']:
                 raise UserError(f"the {split} split is empty: give more text (or more documents)")
             meta.update({f'{split}_{k}': v for k, v in counts.items()})
-        for name, data in ((RANKS_FILE, ranks), ('meta.json', json.dumps(meta, indent=2) + '\n')):
+        for name, text in ((RANKS_FILE, ranks), ('meta.json', json.dumps(meta, indent=2) + '\n')):
             writing = os.path.join(new, name)
-            if data is not None:
-                with open(writing, 'wb') as f:
-                    f.write(data.encode('utf-8'))
-                    f.flush()
-                    os.fsync(f.fileno())
+            if text is not None:
+                checkpoint.write_atomic(writing, lambda f: f.write(text.encode('utf-8')))
         writing = data_dir
-        install(new, data_dir)
+        put_in_place(new, data_dir)
     except OSError as e:   # a full disk, a quota, permissions: f.write and fsync name no file
-        raise UserError(f"cannot write {e.filename or writing} ({e.strerror or e}): {fix_for(e)} and run again "
-                        f"({kept})") from None
+        raise cannot_write(e, writing, f" and run again ({kept})") from None
     finally:
-        settle(new, data_dir)   # after install: the old dataset
+        discard(new, data_dir)   # after put_in_place: the old dataset
     return meta
 
 
-def write_tokens(enc, pieces, path, dtype, label, size_mb=None):
-    """Tokenize pieces into a flat file of ids, BATCH_CHARS at a time; returns the docs, tokens and bytes."""
-    eot = np.array([enc.encode_single_token(EOT)], dtype=dtype)
+def write_tokens(enc, pieces, f, dtype, label, size_mb=None):
+    """Tokenize pieces into file f as a flat array of ids, each document after <|endoftext|>, BATCH_CHARS at a
+    time over THREADS threads, checking that every id is one of enc's (train.py relies on it without looking);
+    returns the docs, tokens and bytes."""
     docs = tokens = nbytes = size = 0
     batch = []
     if size_mb is not None and size_mb >= ANNOUNCE_MB:   # minutes of work: said at once, then its progress
         print(f"encoding the {label} split ({size_mb:,} MB) ...", flush=True)
     progress = cli.Progress(f'  {label}', total=size_mb, unit='MB')
-    with open(path, 'wb') as f:
-        for piece in itertools.chain(pieces, [None]):   # None: the end, so the last batch is written
-            if piece:
-                batch.append(piece)
-                size += len(piece[1])
-            if batch and (size >= BATCH_CHARS or not piece):
-                arrays, encoded = [], enc.encode_ordinary_batch([text for _, text in batch], num_threads=THREADS)
-                for (new_doc, text), ids in zip(batch, encoded):
-                    arrays += [eot, np.array(ids, dtype=dtype)] if new_doc else [np.array(ids, dtype=dtype)]
-                    docs, nbytes = docs + new_doc, nbytes + len(text.encode('utf-8'))
-                out = np.concatenate(arrays)
-                f.write(out.tobytes())
-                tokens, batch, size = tokens + out.size, [], 0
-                progress.update(int(nbytes / 1e6))
-        f.flush()
-        os.fsync(f.fileno())
+    for piece in itertools.chain(pieces, [None]):   # None: the end, so the last batch is written
+        if piece:
+            batch.append(EOT + piece[1] if piece[0] else piece[1])   # documents never hold EOT: it splits them
+            docs, nbytes, size = docs + piece[0], nbytes + len(piece[1].encode('utf-8')), size + len(piece[1])
+        if batch and (size >= BATCH_CHARS or not piece):
+            # one long text per thread (tiktoken lets go of the GIL): a call per document costs more than a story
+            parts = [''.join(batch[i * len(batch) // THREADS:(i + 1) * len(batch) // THREADS]) for i in range(THREADS)]
+            with concurrent.futures.ThreadPoolExecutor(THREADS) as pool:
+                out = np.concatenate(list(pool.map(lambda text: enc.encode_to_numpy(
+                    text, allowed_special={EOT}, disallowed_special=()), parts)))   # uint32
+            if out.max() >= enc.n_vocab:
+                raise RuntimeError(f"{enc.name} gave token id {out.max()}, past its {enc.n_vocab} tokens")
+            f.write(out.astype(dtype).tobytes())
+            tokens, batch, size = tokens + out.size, [], 0
+            progress.update(int(nbytes / 1e6))
     progress.close()
     return dict(docs=docs, tokens=tokens, bytes=nbytes)
 
@@ -349,10 +323,10 @@ def staging_folder(data_dir, replace):
     return inside
 
 
-def install(new, data_dir):
+def put_in_place(new, data_dir):
     """Put the complete dataset in folder `new` in data_dir's place. From beside data_dir, what else data_dir
     holds (raw/ downloads, its lock, your files) is hard-linked into new, and the two folders are swapped in
-    one step: `new` then holds the old dataset, for settle(). From inside data_dir (no dataset to keep, or
+    one step: `new` then holds the old dataset, for discard(). From inside data_dir (no dataset to keep, or
     no swap possible): the files are renamed in, meta.json last."""
     real = os.path.realpath(data_dir)
     if os.path.dirname(new) == real:
@@ -389,14 +363,14 @@ def install(new, data_dir):
         pass
 
 
-def recover(data_dir):
-    """Clear away what a killed prepare.py left beside or in data_dir, losing nothing (settle)."""
+def discard_leftovers(data_dir):
+    """Clear away what a killed prepare.py left beside or in data_dir, losing nothing (discard)."""
     for left in staging_folder(data_dir, None):
-        settle(left, data_dir)
+        discard(left, data_dir)
 
 
-def settle(left, data_dir):
-    """Delete the folder install() leaves beside data_dir (the old dataset), or one a killed prepare.py left,
+def discard(left, data_dir):
+    """Delete the folder put_in_place() leaves beside data_dir (the old dataset), or one a killed prepare.py left,
     losing nothing: what data_dir lacks of it goes back (a file written into raw/ during the swap, or what a
     run killed mid-way had moved); only dataset files and the hard links of data_dir's own files go."""
     def merge(src, dst, skip=()):
@@ -411,7 +385,7 @@ def settle(left, data_dir):
     if os.path.isdir(left) and not os.path.islink(left) and os.path.dirname(left) != os.path.realpath(data_dir):
         # its dataset too, where data_dir has none: a run killed amid a swap by renames (no renameat2)
         held = DATASET_FILES if os.path.lexists(os.path.join(data_dir, 'meta.json')) else ()
-        merge(left, data_dir, skip=('.lock', *held))
+        merge(left, data_dir, skip=('.lock', *held, *(name + '.tmp' for name in DATASET_FILES)))
     remove_tree(left)
 
 

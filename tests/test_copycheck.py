@@ -64,6 +64,23 @@ def test_edges():
     check(['日本語のテキスト😀😀と English'], ['テキスト😀😀と', 'English'])
 
 
+@pytest.mark.parametrize('n', [1, 2, 3, 5, 6, 7, 11, 12, 13, 24, 25, 49])   # either side of each pass's length
+def test_copies_at_the_edges_of_the_training_text_and_of_a_sample(n):
+    """A span copied from the very start or the very end of the training text, placed at the start, the end or
+    as the whole of a sample, is found whole (the brute force agrees); so it is where the training text ends
+    right after the span, without the separator corpus_of adds."""
+    rng = random.Random(n)
+    word = lambda k: ''.join(rng.choice('abcdefgh') for _ in range(k))   # X and Y are in no document
+    documents = [word(60), word(60), word(60)]
+    for i, span in enumerate((documents[0][:n], documents[-1][-n:])):
+        samples = [span, 'XY' + span, span + 'XY', 'XY' + span + 'XY']
+        corpora = [copycheck.corpus_of(documents)] + i * [copycheck.corpus_of(documents)[:-1],
+                                                          copycheck.code_points(documents[-1])]
+        for corpus in corpora:
+            assert copycheck.longest_shared(samples, corpus) == [(n, span)] * 4
+        check(samples, documents)
+
+
 def test_long_copies_in_long_texts():
     """Copies longer than the first pass's windows (8), in texts large enough to hold many false starts."""
     rng = random.Random(0)
@@ -107,7 +124,7 @@ def test_one_pass_over_the_training_text(monkeypatch):
 def data(tmp_path_factory):
     """A prepared data folder (2 plays) and the ck['data'] and ck['tokenizer'] train.py records for it."""
     data_dir = str(tmp_path_factory.mktemp('data') / 'tiny')
-    prepare.main([f'--data_dir={data_dir}', '--max_docs=2', '--val_docs=1', '--vocab_size=300'])
+    prepare.main([f'--data_dir={data_dir}', '--dataset=shakespeare', '--max_docs=2', '--val_docs=1', '--vocab_size=300'])
     meta = dataset.read_meta(data_dir)
     record = {'dir': data_dir, 'source': meta['source']['sha256'], 'prepared_with': meta['config'],
               'split': {'train_tokens': meta['train_tokens'], 'val_tokens': meta['val_tokens'],

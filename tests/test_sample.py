@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
     """A checkpoint in train.py's format: random tiny model, the tokenizer of two plays. The data folder the
     tokenizer came from is deleted, so only the checkpoint is left. Returns (ckpt path, model, tokenizer)."""
     data_dir = str(tmp_path_factory.mktemp('data') / 'tiny')
-    prepare.main([f'--data_dir={data_dir}', '--max_docs=2', '--val_docs=1', '--vocab_size=300'])
+    prepare.main([f'--data_dir={data_dir}', '--dataset=shakespeare', '--max_docs=2', '--val_docs=1', '--vocab_size=300'])
     spec = dataset.tokenizer_spec(data_dir, dataset.read_meta(data_dir))
     shutil.rmtree(data_dir)
     path = str(tmp_path_factory.mktemp('ckpt') / 'ckpt.pt')
@@ -401,7 +401,7 @@ def trained_on(tmp_path_factory):
 
 def prepared(data_dir):
     """Prepare two plays into data_dir; returns the ck['data'] that train.py records for them."""
-    prepare.main([f'--data_dir={data_dir}', '--max_docs=2', '--val_docs=1', '--vocab_size=300'])
+    prepare.main([f'--data_dir={data_dir}', '--dataset=shakespeare', '--max_docs=2', '--val_docs=1', '--vocab_size=300'])
     meta = dataset.read_meta(data_dir)
     return {'dir': data_dir, 'source': meta['source']['sha256'], 'split': dataset.split_of(meta),
             'prepared_with': meta['config']}

@@ -38,7 +38,7 @@ TINY = ['--n_layer=2', '--n_embd=64', '--n_head=4', '--n_kv_head=2', '--head_dim
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp('data') / 'tiny')
-    prepare.main([f'--data_dir={d}', '--max_docs=6', '--val_docs=1', '--vocab_size=512'])
+    prepare.main([f'--data_dir={d}', '--dataset=shakespeare', '--max_docs=6', '--val_docs=1', '--vocab_size=512'])
     return d
 
 
@@ -476,12 +476,12 @@ def test_resume_onto_other_data_is_refused_with_the_command_that_makes_its_own(t
     command the checkpoint recorded, into a folder of its own; following it, the resume works. The same
     data under another folder name is accepted. Nothing is written before a refusal."""
     d, out = str(tmp_path / 'data'), str(tmp_path / 'out')
-    data_args = [f'--data_dir={d}', '--max_docs=4', '--val_docs=1']
+    data_args = [f'--data_dir={d}', '--dataset=shakespeare', '--max_docs=4', '--val_docs=1']
     prepare.main([*data_args, '--vocab_size=400'])
     train_here(*TINY, f'--data_dir={d}', f'--out_dir={out}', '--vocab_size=400', '--max_iters=2', '--eval_interval=2')
     resume = [f'--out_dir={out}', '--init_from=resume', '--max_iters=4', '--device=cpu', '--compile=False']
     os.rename(d, d + '-away')   # gone: the command makes the checkpoint's data, not the defaults'
-    refused(*resume, match=f"no dataset in {d}: run `python prepare.py --vocab_size=400 --val_docs=1 --max_docs=4 "
+    refused(*resume, match=f"no dataset in {d}: run `python prepare.py --dataset=shakespeare --vocab_size=400 --val_docs=1 --max_docs=4 "
                            f"--data_dir={d}` first")
     shutil.copytree(d + '-away', str(tmp_path / 'renamed'))
     train_here(*resume, f'--data_dir={tmp_path}/renamed')   # the same data under another name
@@ -603,7 +603,8 @@ def test_data_being_read_is_not_prepared_over_and_data_being_written_is_not_read
     with checkpoint.lock_folder(data_dir, 'training run', shared=True):   # as a training run holds it
         checkpoint.lock_folder(data_dir, 'training run', shared=True).close()   # other readers are welcome
         with pytest.raises(UserError, match=f'{data_dir} is in use by a training run reading it'):
-            prepare.main([f'--data_dir={data_dir}', '--max_docs=6', '--val_docs=1', '--vocab_size=512', '--force'])
+            prepare.main([f'--data_dir={data_dir}', '--dataset=shakespeare', '--max_docs=6', '--val_docs=1', '--vocab_size=512',
+                          '--force'])
     with checkpoint.lock_folder(data_dir, 'prepare run'):   # another process: the lock is the point
         p = run_train(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/out', '--max_iters=2', check=False)
     one_line_error(p, f'{data_dir} is in use by a process writing it (pid {os.getpid()})')
