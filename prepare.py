@@ -130,13 +130,13 @@ def check_config(cfg):
     cli.check_ranges(cfg, {
         'url': (lambda v: not v or urlparse(v).scheme in ('http', 'https') and urlparse(v).hostname,
                 "an http(s) URL (local files: --input)"),
-        'max_download_gb': (lambda v: v > 0, "more than 0"),
         'tokenizer': (lambda v: v in ('bpe', *dataset.PRETRAINED), f"bpe or one of {', '.join(dataset.PRETRAINED)}"),
         'sha256': (lambda v: re.fullmatch(r'[0-9a-fA-F]{64}|', v), "64 hex digits (or empty)"),
         'vocab_size': (lambda v: cfg['tokenizer'] != 'bpe' or 257 <= v <= 2**24,
                        f"at least 257 (256 bytes + {EOT}) and at most {2**24:,}"),
-        'val_docs': (lambda v: v >= 1, "at least 1: whole documents are held out for validation"),
-        'max_docs': (lambda v: v >= 0, "0 (all documents) or a positive count")})
+        'val_docs': (lambda v: 1 <= v <= 2**31, "at least 1 (whole documents are held out for validation), at most 2**31"),
+        'max_docs': (lambda v: 0 <= v <= 2**31, "0 (all documents) or a count up to 2**31"),
+        'max_download_gb': (lambda v: 0 < v <= 1e6, "more than 0 and at most 1e6")})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -504,7 +504,9 @@ def test_pretrained_tokenizer_dataset(name, eot_id, dtype, small, tmp_path, monk
     (['--dataset=web', '--url=http://host:99999/x'], "url 'http://host:99999/x' does not parse (Port out of range"),
     (['--dataset=web', '--url=http:///x'], "url 'http:///x' does not parse (Invalid URL 'http:///x': No host"),
     (['--dataset=web', '--url=http://a b/x'], "url 'http://a b/x' does not parse"),
-    (['--dataset=web', '--url=http://x/a', '--max_download_gb=0'], "max_download_gb must be more than 0, got 0.0"),
+    (['--dataset=web', '--url=http://x/a', '--max_download_gb=0'], "max_download_gb must be more than 0 and at most 1e6, got 0.0"),
+    (['--dataset=shakespeare', '--max_docs=1000000000000000000000000000000'], "max_docs must be 0 (all documents) or a count up to 2**31"),
+    (['--dataset=shakespeare', '--val_docs=1000000000000000000000000000000'], "val_docs must be at least 1"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
     err = cli_error(args + [f'--data_dir={tmp_path / "d"}'], capsys)
@@ -1252,3 +1254,17 @@ def test_ids_past_the_vocabulary_are_never_written(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"shakespeare-bpe gave token id 300, past its 300 tokens"):
         prepare.main([f'--data_dir={tmp_path / "d"}', *TINY])
     assert not os.path.exists(tmp_path / 'd' / 'meta.json')
+
+
+def test_preparing_outlives_its_standard_output(tmp_path):
+    """`python prepare.py ... | head -1`: the dataset is still made whole, stderr says once that the output
+    is gone, and the exit code is 0."""
+    d = str(tmp_path / 'd')
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, 'prepare.py'), '--dataset=shakespeare', '--max_docs=3',
+                          '--val_docs=1', '--vocab_size=300', f'--data_dir={d}'], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().startswith('training a 300-token BPE')
+    p.stdout.close()   # as `head -1` does
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and err == "note: standard output is gone (its reader went away); preparing goes on\n"
+    assert dataset.read_meta(d)['train_docs'] == 2
