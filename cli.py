@@ -230,8 +230,9 @@ LAST_OUTPUT = [0.0]   # when a script last wrote to stdout: a Heartbeat counts s
 
 class Stdout:
     """sys.stdout for a script whose work does not depend on being watched (training, preparing data): when
-    its reader goes away (`| head`), or the file it goes to fills the disk, the work goes on without it,
-    and stderr says so once. Every write also tells the Heartbeat that the script is not silent."""
+    its reader goes away (`| head`), the file it goes to fills the disk, or it was closed from the start
+    (`>&-`), the work goes on without it, and stderr says so once, at the first line that cannot be
+    written. Every write also tells the Heartbeat that the script is not silent."""
 
     def __init__(self, stream, going_on):
         self.stream, self.going_on, self.lost = stream, going_on, False
@@ -240,28 +241,33 @@ class Stdout:
         LAST_OUTPUT[0] = time.time()
         if not self.lost:
             try:
+                if self.stream is None:
+                    raise OSError(0, 'closed')
                 self.stream.write(text)
             except (OSError, ValueError) as e:
                 self.lose(e)
         return len(text)
 
     def flush(self):
-        if not self.lost:
+        if not self.lost and self.stream is not None:
             try:
                 self.stream.flush()
             except (OSError, ValueError) as e:
                 self.lose(e)
 
+    def isatty(self):
+        return not self.lost and self.stream is not None and self.stream.isatty()
+
     def lose(self, error):
         self.lost = True
         try:   # the stream's own later flushes (at exit, too) go nowhere instead of failing again
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             pass
         reason = 'its reader went away' if isinstance(error, BrokenPipeError) else getattr(error, 'strerror', None) or error
         print(f"note: standard output is gone ({reason}); {self.going_on}", file=sys.stderr, flush=True)
 
-    def __getattr__(self, name):   # isatty, fileno, encoding, ...
+    def __getattr__(self, name):   # fileno, encoding, ...
         return getattr(self.stream, name)
 
 

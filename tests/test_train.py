@@ -330,16 +330,17 @@ def test_a_resume_that_fails_keeps_the_finished_runs_result(data_dir, tmp_path, 
 
 
 def test_training_outlives_its_standard_output(data_dir, tmp_path):
-    """`python train.py ... | head -3`, or standard output on a full disk: the run goes on to its end with
-    its work saved, says once on stderr that its output is gone, and exits 0."""
+    """`python train.py ... | head -3`, standard output on a full disk, or closed from the start (`>&-`): the
+    run goes on to its end with its work saved, says once on stderr that its output is gone, and exits 0."""
     procs = {}
-    for name, stdout in (('head', subprocess.PIPE), ('full', open('/dev/full', 'w'))):
+    for name, stdout in (('head', subprocess.PIPE), ('full', open('/dev/full', 'w')), ('closed', None)):
         procs[name] = subprocess.Popen(train_cmd(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/{name}',
                                                  '--max_iters=12', '--eval_interval=6', '--log_interval=1'),
-                                       cwd=ROOT, env=env_for(), stdout=stdout, stderr=subprocess.PIPE, text=True)
+                                       cwd=ROOT, env=env_for(), stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                       preexec_fn=(lambda: os.close(1)) if name == 'closed' else None)   # >&-
     assert [procs['head'].stdout.readline() for _ in range(3)][0].startswith('model:')
     procs['head'].stdout.close()   # as `head -3` does
-    for name, reason in (('head', 'its reader went away'), ('full', 'No space left on device')):
+    for name, reason in (('head', 'its reader went away'), ('full', 'No space left on device'), ('closed', 'closed')):
         _, err = procs[name].communicate(timeout=300)
         assert procs[name].returncode == 0, err
         assert err == f"note: standard output is gone ({reason}); training goes on; its records are in log.jsonl\n"
