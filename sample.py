@@ -1,12 +1,13 @@
 """
 Sample from a trained model.
 
-    python sample.py --num_samples 5                          # out-deepseek/ckpt.pt, each sample a new document
+    python sample.py --num_samples 5                          # out-deepseek/ckpt_best.pt, each sample a new document
     python sample.py config/deepseek_mini.py --start="ROMEO:"  # the out_dir of a training config
-    python sample.py --out_dir=out-mini --ckpt=best --temperature=0 --max_new_tokens=100
+    python sample.py --out_dir=out-mini --ckpt=last --temperature=0 --max_new_tokens=100
     python sample.py --start=FILE:prompts.txt > samples.txt   # one sample per line of the file
 
 Everything comes from the checkpoint, the tokenizer included, so this runs where prepare.py never ran.
+The default checkpoint is the run's best (lowest val loss), which is its last unless the run overfit.
 Each sample is printed as it is generated, under a `--- sample N ---` line; stdout holds only the
 samples (redirect it to a file), while progress and the tokens/s figure go to stderr.
 
@@ -49,7 +50,7 @@ top_k = 200                # sample among the k likeliest tokens only (0 = all)
 top_p = 1.0                # nucleus: the smallest set of tokens holding this much probability (1.0 = all)
 seed = 1337                # same seed, same checkpoint, same flags: same samples
 device = 'auto'            # 'auto' = cuda > mps > cpu
-dtype = 'auto'             # 'auto' = bfloat16 on CUDA if supported (else float16), float32 elsewhere; or float32/bfloat16/float16
+dtype = 'auto'             # 'auto' = devices.plan's: bfloat16 on GPUs that compute in it, float16 on older ones, float32 elsewhere
 compile = False            # torch.compile the model (pays off for long generations on a GPU)
 use_cache = True           # False = recompute the whole window for every token (slow; for comparison)
 copy_check = True          # report each sample's longest span shared with the training text (when that data is here)
