@@ -111,12 +111,13 @@ def main(argv):
         data = preflight.open_data(cfg, argv, ckpt, locks, DEFAULTS)
         mconf = ModelConfig(**ckpt['model_args']) if ckpt else preflight.model_config(cfg)
         preflight.check_data(data, mconf)
-        data.token_bytes = bytes_per_token(data, mconf, dev)
+        if not cfg['eval_only']:
+            heartbeat.beat('counting the memory a step needs')
+            recompute, memory_line = preflight.plan_memory(cfg, mconf, dev, world)
+            preflight.agree(distributed, master, lambda: preflight.claim_out_dir(cfg, locks))
+        data.token_bytes = bytes_per_token(data, mconf, dev)   # (after the memory plan: a big vocabulary takes time)
         if cfg['eval_only']:
             return score_checkpoint(ckpt, mconf, data, cfg, dev, master)
-        heartbeat.beat('counting the memory a step needs')
-        recompute, memory_line = preflight.plan_memory(cfg, mconf, dev, world)
-        preflight.agree(distributed, master, lambda: preflight.claim_out_dir(cfg, locks))
         heartbeat.beat('building the model')
         return train(cfg, mconf, data, dev, (rank, world, distributed), ckpt, recompute, memory_line, heartbeat)
 
