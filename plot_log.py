@@ -53,7 +53,8 @@ def main(argv):
     fig = plt.figure(figsize=(9, 7.5 + 1.7 * rows), layout='constrained')
     grid = fig.add_gridspec(2 + rows, cols, height_ratios=[3, 2] + [1.2] * rows)
     ax_loss, ax_vio = fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, :])
-    for ax, key, label in ((ax_loss, 'loss', 'train loss (batch)'), (ax_vio, 'max_vio', 'training batch (worst layer)')):
+    for ax, key, label in ((ax_loss, 'loss', 'train loss (batch)'),
+                           (ax_vio, 'max_vio', 'training batch (worst layer)')):
         ax.plot([r['iter'] for r in train], [r[key] for r in train], lw=0.8, alpha=0.6, label=label)
     for key, label in (('train_loss', 'train loss (eval)'), ('val_loss', 'val loss')):
         ax_loss.plot([r['iter'] for r in evals], [r[key] for r in evals], 'o-', ms=3, label=label)
@@ -78,10 +79,8 @@ def main(argv):
             im = ax.imshow(load, aspect='auto', cmap='coolwarm', vmin=0, vmax=2, extent=extent, interpolation='nearest')
             ax.set_title(f'val load per expert, layer {layer}' if layer == 0 else f'layer {layer}', fontsize=9)
             ax.tick_params(labelsize=7)
-            if layer % cols == 0:
-                ax.set_ylabel('expert', fontsize=8)
-            if layer >= len(loads) - cols:
-                ax.set_xlabel('iteration', fontsize=8)
+            ax.set_ylabel('expert' if layer % cols == 0 else '', fontsize=8)   # the first column, the last row
+            ax.set_xlabel('iteration' if layer >= len(loads) - cols else '', fontsize=8)
         for ax in axes[len(loads):]:
             ax.set_axis_off()
         fig.colorbar(im, ax=axes, shrink=0.9, label='1 = even share')
