@@ -153,10 +153,9 @@ def matches(big, text, places, L):
 # The training text of a checkpoint
 
 def training_text(data, tokenizer_spec):
-    """(code points of the training text, number of documents) of a checkpoint, from ck['data'] and
-    ck['tokenizer']: the train split, decoded with the checkpoint's tokenizer, each document followed by
-    SEPARATOR. A UserError says why not: no data recorded, no intact dataset in its folder, or another
-    dataset there than the one the checkpoint was trained on."""
+    """(code points of the training text, number of documents) of a checkpoint, from ck['data'] and ck['tokenizer']:
+    the train split, decoded with the checkpoint's tokenizer, each document followed by SEPARATOR. A UserError says
+    why not: no data recorded, no intact dataset in its folder, or not the one the checkpoint was trained on."""
     if not isinstance(data, dict) or not isinstance(data.get('dir'), str):
         raise UserError("the checkpoint does not record its training data")
     ddir = data['dir']
