@@ -67,12 +67,11 @@ class Windows:
 def longest_shared(samples, corpus):
     """For each sample (a str), (length, span): a longest substring of it that occurs in corpus (code points
     from corpus_of); (0, '') for a sample that shares no character with it."""
-    texts = [code_points(s) for s in samples]
-    powers = np.full(max([len(corpus), *map(len, texts)]) + 1, BASE, dtype=np.uint64)
+    powers = np.full(max([len(corpus), *map(len, samples)]) + 1, BASE, dtype=np.uint64)   # len: one per code point
     powers[0] = 1
     np.cumprod(powers, out=powers)
     big = Windows(corpus, powers)
-    small = [Windows(t, powers) for t in texts]
+    small = [Windows(code_points(s), powers) for s in samples]
     best = [(0, 0)] * len(samples)   # (length, start in the sample)
     todo, below = list(range(len(samples))), len(powers)   # below: what the samples still to do share at most
     for L in PASSES:   # nearly always one pass: samples short of L characters in common take the next
