@@ -133,11 +133,10 @@ def read_meta(data_dir, command=None):
         raise UserError(f"{path}: 'command' should be str, got {show(meta['command'])}: {redo} with --force")
     if meta['dtype'] not in ('uint16', 'uint32'):
         raise UserError(f"{path} has an unknown dtype {meta['dtype']!r}: {redo} with --force")
-    itemsize = np.dtype(meta['dtype']).itemsize
     for split in ('train', 'val'):
         bin_path = os.path.join(data_dir, f'{split}.bin')
         cli.check_file(bin_path, fix=f"move it away, then {redo}", missing_ok=True)
-        want = meta[f'{split}_tokens'] * itemsize
+        want = meta[f'{split}_tokens'] * np.dtype(meta['dtype']).itemsize
         have = os.path.getsize(bin_path) if os.path.isfile(bin_path) else None
         if have != want:
             got = 'missing' if have is None else f'{have:,} bytes'
@@ -267,9 +266,8 @@ def write(data_dir, meta, splits, enc, ranks=None):
 
 
 def write_tokens(enc, pieces, f, dtype, label, size_mb=None):
-    """Tokenize pieces into file f as a flat array of ids, each document after <|endoftext|>, BATCH_CHARS at a
-    time over THREADS threads, checking that every id is one of enc's (train.py relies on it without looking);
-    returns the docs, tokens and bytes."""
+    """Tokenize pieces into file f as a flat array of ids, each document after <|endoftext|>, checking that every
+    id is one of enc's (train.py relies on it without looking); returns the counts of docs, tokens and bytes."""
     batch, docs, tokens, nbytes, size = [], 0, 0, 0, 0
     if size_mb is not None and size_mb >= ANNOUNCE_MB:   # minutes of work: said at once, then its progress
         print(f"encoding the {label} split ({size_mb:,} MB) ...", flush=True)
