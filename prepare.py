@@ -419,8 +419,7 @@ def download_once(url, part, have, max_gb):
         have = 0 if r.status_code == 200 else have   # 200: the whole file (also from a server that ignores Range)
         length = r.headers.get('Content-Length', '').strip()
         total = have + int(length) if length.isdigit() else None   # a length that does not parse: as if none
-        limit = max_gb * 1e9
-        if total is not None and total > limit:
+        if total is not None and total > max_gb * 1e9:
             raise UserError(f"{url} is {total:,} bytes, more than max_download_gb={max_gb:g}: "
                             f"raise --max_download_gb to download it")
         progress = cli.Progress('  downloaded', total=total and int(total / 1e6), unit='MB')
@@ -431,7 +430,7 @@ def download_once(url, part, have, max_gb):
                     watchdog(STALL_SECONDS, url)
                     f.write(chunk)
                     progress.update(int(f.tell() / 1e6))
-                    if f.tell() > limit:   # a server that never ends would fill the disk
+                    if f.tell() > max_gb * 1e9:   # a server that never ends would fill the disk
                         raise UserError(f"{url} sent more than max_download_gb={max_gb:g} ({part} holds "
                                         f"{f.tell():,} bytes): if the file is that large, raise --max_download_gb "
                                         f"and run again to resume; otherwise delete {part}")
