@@ -6,6 +6,7 @@ for sample.py.
 
 import base64
 import concurrent.futures
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -190,13 +191,12 @@ def text_bytes(enc, n):
     ids the tokenizer lacks: past its end (the model's vocabulary is padded) or in a gap of its numbering
     (cl100k_base and o200k_base leave some ids unused)."""
     special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
-
-    def of(i):
-        try:
-            return b'' if i in special else enc.decode_single_token_bytes(i)
-        except KeyError:
-            return b''
-    return [of(i) for i in range(n)]
+    out = [b''] * n
+    for i in range(n):
+        if i not in special:
+            with contextlib.suppress(KeyError):   # an id the tokenizer lacks
+                out[i] = enc.decode_single_token_bytes(i)
+    return out
 
 
 def pretrained_encoding(name):
@@ -343,12 +343,10 @@ def put_in_place(new, data_dir):
         for name in moved:
             os.rename(os.path.join(new, name), os.path.join(real, name))
         raise
-    try:   # the swap itself reaches the disk, not only the files
+    with contextlib.suppress(OSError):   # the swap itself reaches the disk, not only the files
         fd = os.open(os.path.dirname(real), os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-    except OSError:
-        pass
 
 
 def discard_leftovers(data_dir):
