@@ -1,18 +1,16 @@
 """
-Copy check: has the model learnt its training text by heart? For each sample, the longest span of characters
-it shares with the training text (the train split of the data the checkpoint was trained on). sample.py
-reports it when that data is at hand.
+Copy check: has the model learnt its training text by heart? For each sample, the longest span of characters it
+shares with the training text (the train split of the data the checkpoint was trained on). sample.py reports it when
+that data is at hand.
 
-How: polynomial hashes (mod 2**64) of windows of the texts, which numpy computes for every position at once.
-One pass over the training text finds where any sample's windows of 12 characters occur; from those places
-each sample's longest shared span is found by doubling its length, then halving the gap, every step looking
-only at the places that still match. A sample that shares fewer than 12 characters takes a pass for 6, then
-3, then 1. Every match is confirmed by comparing the characters, so a hash collision can cost time but never
-give a wrong answer. sample.py prints how long the check took.
+How: polynomial hashes (mod 2**64) of windows of the texts, which numpy computes for every position at once. One pass
+over the training text finds where any sample's windows of 12 characters occur; from those places each sample's
+longest shared span is found by doubling its length, then halving the gap, every step looking only at the places that
+still match. A sample that shares fewer than 12 characters takes a pass for 6, then 3, then 1. Every match is
+confirmed by comparing the characters: a hash collision can cost time, never give a wrong answer.
 """
 
 import contextlib
-
 import os
 
 import numpy as np
@@ -24,8 +22,7 @@ from cli import UserError
 from dataset import EOT
 
 SEPARATOR = 0x110000      # one past the last Unicode code point: in no text, so no span runs across two documents
-PASSES = (12, 6, 3, 1)    # span lengths of the passes over the whole training text; the next only for samples
-                          # that share fewer characters than the last
+PASSES = (12, 6, 3, 1)    # span lengths of the passes over the training text: each next one for samples sharing less
 BASE = 0x9E3779B97F4A7C15  # odd, so multiplying by it mod 2**64 loses nothing
 MAX_TOKENS = 10_000_000   # a larger training text is not read (about 150 bytes of memory per token)
 
@@ -55,9 +52,7 @@ class Windows:
 
     def all(self, L):
         """The hash of the window at every start 0 .. n-L."""
-        count = self.n - L + 1
-        if count <= 0:
-            return np.zeros(0, dtype=np.uint64)
+        count = max(0, self.n - L + 1)
         h = self.prefix[L:] - self.prefix[:count]
         h *= self.powers[self.top - count + 1:self.top + 1][::-1]   # B**(E - p) for p = 0 .. count-1
         return h
@@ -72,12 +67,11 @@ class Windows:
 def longest_shared(samples, corpus):
     """For each sample (a str), (length, span): a longest substring of it that occurs in corpus (code points
     from corpus_of); (0, '') for a sample that shares no character with it."""
-    texts = [code_points(s) for s in samples]
-    powers = np.full(max([len(corpus), *map(len, texts)]) + 1, BASE, dtype=np.uint64)
+    powers = np.full(max([len(corpus), *map(len, samples)]) + 1, BASE, dtype=np.uint64)   # len: one per code point
     powers[0] = 1
     np.cumprod(powers, out=powers)
     big = Windows(corpus, powers)
-    small = [Windows(t, powers) for t in texts]
+    small = [Windows(code_points(s), powers) for s in samples]
     best = [(0, 0)] * len(samples)   # (length, start in the sample)
     todo, below = list(range(len(samples))), len(powers)   # below: what the samples still to do share at most
     for L in PASSES:   # nearly always one pass: samples short of L characters in common take the next
@@ -158,16 +152,15 @@ def matches(big, text, places, L):
 # The training text of a checkpoint
 
 def training_text(data, tokenizer_spec):
-    """(code points of the training text, number of documents) of a checkpoint, from ck['data'] and
-    ck['tokenizer']: the train split, decoded with the checkpoint's tokenizer, each document followed by
-    SEPARATOR. A UserError says why not: no data recorded, no intact dataset in its folder, or another
-    dataset there than the one the checkpoint was trained on."""
+    """(code points of the training text, number of documents) of a checkpoint, from ck['data'] and ck['tokenizer']:
+    the train split, decoded with the checkpoint's tokenizer, each document followed by SEPARATOR. A UserError says
+    why not: no data recorded, no intact dataset in its folder, or not the one the checkpoint was trained on."""
     if not isinstance(data, dict) or not isinstance(data.get('dir'), str):
         raise UserError("the checkpoint does not record its training data")
     ddir = data['dir']
     # locked as train.py locks it: a prepare.py rewriting the folder is not read halfway
     held = checkpoint.lock_folder(ddir, 'copy check', shared=True) if os.path.isdir(ddir) else None
-    with contextlib.closing(held or open(os.devnull)):
+    with held or contextlib.nullcontext():   # a lock file, closed at the end
         made_with = data.get('prepared_with')   # missing or damaged: read_meta says how to make it again
         meta = dataset.read_meta(ddir, dataset.remake_command(made_with, ddir) if isinstance(made_with, dict) else None)
         if dataset.differences(data, tokenizer_spec, meta):

@@ -6,6 +6,7 @@ for sample.py.
 
 import base64
 import concurrent.futures
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -21,11 +22,6 @@ import tiktoken
 import checkpoint
 import cli
 from cli import UserError, show
-
-
-# ----------------------------------------------------------------------------------------------
-# Datasets and tokenizers. prepare.py writes data/<dataset>/ (train.bin, val.bin, meta.json and the
-# tokenizer's ranks); train.py reads it; checkpoints carry the tokenizer for sample.py.
 
 # What a dataset is made of. prepare.py takes all of these; train.py reads dataset, data_dir and
 # the model's vocab_size, and skips the others when a config file sets them.
@@ -50,15 +46,16 @@ BATCH_CHARS = 8 * 2**20     # text tokenized at a time: memory stays bounded for
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1   # encoders
 ANNOUNCE_MB = 16            # a split this large is announced before it is tokenized (it takes a while)
 PRETRAINED = ('gpt2', 'r50k_base', 'cl100k_base', 'o200k_base')
+BUILTIN = ('tinystories', 'shakespeare', 'tinyshakespeare')   # prepare.py knows where their text is
+META_TYPES = {'format': int, 'dataset': str, 'source': dict, 'tokenizer': dict, 'n_vocab': int, 'dtype': str,
+              'eot_id': int, 'train_tokens': int, 'val_tokens': int, 'config': dict, 'source.sha256': str,
+              'source.description': str, 'source.val_names': list, 'tokenizer.kind': str, 'tokenizer.name': str}
 
 
 def data_dir_of(cfg):
     # ~ expanded: the shell leaves --data_dir=~/x as it is, which would make a folder named '~'
     path = cfg.get('data_dir') or os.path.join('data', cfg.get('dataset') or DATASET_DEFAULTS['dataset'])
     return os.path.expanduser(path)
-
-
-BUILTIN = ('tinystories', 'shakespeare', 'tinyshakespeare')   # prepare.py knows where their text is
 
 
 def prepare_command(data_dir, args=None):
@@ -105,11 +102,6 @@ def same_tokenizer(entry, spec):
     return entry.get('n_vocab') == spec.get('n_vocab')
 
 
-META_TYPES = {'format': int, 'dataset': str, 'source': dict, 'tokenizer': dict, 'n_vocab': int, 'dtype': str,
-              'eot_id': int, 'train_tokens': int, 'val_tokens': int, 'config': dict, 'source.sha256': str,
-              'source.description': str, 'source.val_names': list, 'tokenizer.kind': str, 'tokenizer.name': str}
-
-
 def read_meta(data_dir, command=None):
     """data_dir/meta.json, checked: every field of the right type, and .bin files of the promised sizes.
     A dataset whose meta.json is missing, old or inconsistent is a UserError that says how to redo it
@@ -142,11 +134,10 @@ def read_meta(data_dir, command=None):
         raise UserError(f"{path}: 'command' should be str, got {show(meta['command'])}: {redo} with --force")
     if meta['dtype'] not in ('uint16', 'uint32'):
         raise UserError(f"{path} has an unknown dtype {meta['dtype']!r}: {redo} with --force")
-    itemsize = np.dtype(meta['dtype']).itemsize
     for split in ('train', 'val'):
         bin_path = os.path.join(data_dir, f'{split}.bin')
         cli.check_file(bin_path, fix=f"move it away, then {redo}", missing_ok=True)
-        want = meta[f'{split}_tokens'] * itemsize
+        want = meta[f'{split}_tokens'] * np.dtype(meta['dtype']).itemsize
         have = os.path.getsize(bin_path) if os.path.isfile(bin_path) else None
         if have != want:
             got = 'missing' if have is None else f'{have:,} bytes'
@@ -200,13 +191,12 @@ def text_bytes(enc, n):
     ids the tokenizer lacks: past its end (the model's vocabulary is padded) or in a gap of its numbering
     (cl100k_base and o200k_base leave some ids unused)."""
     special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
-
-    def of(i):
-        try:
-            return b'' if i in special else enc.decode_single_token_bytes(i)
-        except KeyError:
-            return b''
-    return [of(i) for i in range(n)]
+    out = [b''] * n
+    for i in range(n):
+        if i not in special:
+            with contextlib.suppress(KeyError):   # an id the tokenizer lacks
+                out[i] = enc.decode_single_token_bytes(i)
+    return out
 
 
 def pretrained_encoding(name):
@@ -271,16 +261,14 @@ def write(data_dir, meta, splits, enc, ranks=None):
     except OSError as e:   # a full disk, a quota, permissions: f.write and fsync name no file
         raise cannot_write(e, writing, f" and run again ({kept})") from None
     finally:
-        discard(new, data_dir)   # after put_in_place: the old dataset
+        discard_leftovers(data_dir)   # after put_in_place, `new` holds the old dataset
     return meta
 
 
 def write_tokens(enc, pieces, f, dtype, label, size_mb=None):
-    """Tokenize pieces into file f as a flat array of ids, each document after <|endoftext|>, BATCH_CHARS at a
-    time over THREADS threads, checking that every id is one of enc's (train.py relies on it without looking);
-    returns the docs, tokens and bytes."""
-    docs = tokens = nbytes = size = 0
-    batch = []
+    """Tokenize pieces into file f as a flat array of ids, each document after <|endoftext|>, checking that every
+    id is one of enc's (train.py relies on it without looking); returns the counts of docs, tokens and bytes."""
+    batch, docs, tokens, nbytes, size = [], 0, 0, 0, 0
     if size_mb is not None and size_mb >= ANNOUNCE_MB:   # minutes of work: said at once, then its progress
         print(f"encoding the {label} split ({size_mb:,} MB) ...", flush=True)
     progress = cli.Progress(f'  {label}', total=size_mb, unit='MB')
@@ -326,8 +314,8 @@ def staging_folder(data_dir, replace):
 def put_in_place(new, data_dir):
     """Put the complete dataset in folder `new` in data_dir's place. From beside data_dir, what else data_dir
     holds (raw/ downloads, its lock, your files) is hard-linked into new, and the two folders are swapped in
-    one step: `new` then holds the old dataset, for discard(). From inside data_dir (no dataset to keep, or
-    no swap possible): the files are renamed in, meta.json last."""
+    one step: `new` then holds the old dataset, for discard_leftovers(). From inside data_dir (no dataset to
+    keep, or no swap possible): the files are renamed in, meta.json last."""
     real = os.path.realpath(data_dir)
     if os.path.dirname(new) == real:
         remove_tree(os.path.join(real, 'meta.json'))   # an old dataset stops being one before any file changes
@@ -355,24 +343,16 @@ def put_in_place(new, data_dir):
         for name in moved:
             os.rename(os.path.join(new, name), os.path.join(real, name))
         raise
-    try:   # the swap itself reaches the disk, not only the files
+    with contextlib.suppress(OSError):   # the swap itself reaches the disk, not only the files
         fd = os.open(os.path.dirname(real), os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-    except OSError:
-        pass
 
 
 def discard_leftovers(data_dir):
-    """Clear away what a killed prepare.py left beside or in data_dir, losing nothing (discard)."""
-    for left in staging_folder(data_dir, None):
-        discard(left, data_dir)
-
-
-def discard(left, data_dir):
-    """Delete the folder put_in_place() leaves beside data_dir (the old dataset), or one a killed prepare.py left,
-    losing nothing: what data_dir lacks of it goes back (a file written into raw/ during the swap, or what a
-    run killed mid-way had moved); only dataset files and the hard links of data_dir's own files go."""
+    """Delete the staging folders, losing nothing: the old dataset put_in_place() leaves beside data_dir, or what
+    a killed prepare.py left. What data_dir lacks of it goes back (a file written into raw/ during the swap, or
+    what a run killed mid-way had moved); only dataset files and the hard links of data_dir's own files go."""
     def merge(src, dst, skip=()):
         for name in sorted(set(os.listdir(src)) - set(skip), key=lambda name: (name == 'meta.json', name)):
             path, there = os.path.join(src, name), os.path.join(dst, name)
@@ -382,11 +362,12 @@ def discard(left, data_dir):
                 merge(path, there)
             elif not os.path.samestat(os.lstat(path), os.lstat(there)):   # both changed meanwhile: both kept
                 os.rename(path, f'{there}.{int(time.time())}.restored')
-    if os.path.isdir(left) and not os.path.islink(left) and os.path.dirname(left) != os.path.realpath(data_dir):
-        # its dataset too, where data_dir has none: a run killed amid a swap by renames (no renameat2)
-        held = DATASET_FILES if os.path.lexists(os.path.join(data_dir, 'meta.json')) else ()
-        merge(left, data_dir, skip=('.lock', *held, *(name + '.tmp' for name in DATASET_FILES)))
-    remove_tree(left)
+    for left in staging_folder(data_dir, None):
+        if os.path.isdir(left) and not os.path.islink(left) and os.path.dirname(left) != os.path.realpath(data_dir):
+            # its dataset too, where data_dir has none: a run killed amid a swap by renames (no renameat2)
+            held = DATASET_FILES if os.path.lexists(os.path.join(data_dir, 'meta.json')) else ()
+            merge(left, data_dir, skip=('.lock', *held, *(name + '.tmp' for name in DATASET_FILES)))
+        remove_tree(left)
 
 
 def swap(a, b):
@@ -396,20 +377,17 @@ def swap(a, b):
         libc = ctypes.CDLL(None, use_errno=True)
     except (OSError, TypeError):   # Windows
         libc = None
-    if hasattr(libc, 'renameat2'):
-        failed = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2)   # AT_FDCWD, RENAME_EXCHANGE
+    err = errno.ENOSYS   # each call returns 0, or -1 with the C errno set
+    if hasattr(libc, 'renameat2'):   # AT_FDCWD, RENAME_EXCHANGE
+        err = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) and ctypes.get_errno()
     elif hasattr(libc, 'renamex_np'):
-        failed = libc.renamex_np(os.fsencode(a), os.fsencode(b), 2)
-    else:
-        failed, libc = True, None
-    if not failed:
-        return
-    err = ctypes.get_errno() if libc else errno.ENOSYS
-    if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        err = libc.renamex_np(os.fsencode(a), os.fsencode(b), 2) and ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        os.rename(b, a + '.old')
+        os.rename(a, b)
+        os.rename(a + '.old', a)
+    elif err:
         raise OSError(err, os.strerror(err), b)
-    os.rename(b, a + '.old')
-    os.rename(a, b)
-    os.rename(a + '.old', a)
 
 
 def remove_tree(path):

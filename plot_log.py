@@ -14,12 +14,10 @@ import sys
 import cli
 from cli import UserError
 
-DEFAULTS = dict(
-    out_dir='out-deepseek',   # the run's folder: train.py's default, or the one a training config sets
-    log='',                   # '' = out_dir/log.jsonl
-    png='',                   # '' = out_dir/run.png
-    title='',
-)
+DEFAULTS = dict(out_dir='out-deepseek',   # the run's folder: train.py's default, or the one a training config sets
+                log='',                   # '' = out_dir/log.jsonl
+                png='',                   # '' = out_dir/run.png
+                title='')
 
 
 def main(argv):
@@ -55,24 +53,22 @@ def main(argv):
     fig = plt.figure(figsize=(9, 7.5 + 1.7 * rows), layout='constrained')
     grid = fig.add_gridspec(2 + rows, cols, height_ratios=[3, 2] + [1.2] * rows)
     ax_loss, ax_vio = fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, :])
-    ax_loss.plot([r['iter'] for r in train], [r['loss'] for r in train], lw=0.8, alpha=0.6, label='train loss (batch)')
+    for ax, key, label in ((ax_loss, 'loss', 'train loss (batch)'),
+                           (ax_vio, 'max_vio', 'training batch (worst layer)')):
+        ax.plot([r['iter'] for r in train], [r[key] for r in train], lw=0.8, alpha=0.6, label=label)
     for key, label in (('train_loss', 'train loss (eval)'), ('val_loss', 'val loss')):
         ax_loss.plot([r['iter'] for r in evals], [r[key] for r in evals], 'o-', ms=3, label=label)
-    ax_loss.set_ylabel('cross-entropy (nats/token)')
-    ax_loss.set_xlabel('iteration')
-
-    ax_vio.plot([r['iter'] for r in train], [r['max_vio'] for r in train], lw=0.8, alpha=0.6,
-                label='training batch (worst layer)')
     for key, label in (('val_max_vio', 'val (worst layer)'), ('val_max_vio_mean', 'val (layer mean)'),
                        ('train_max_vio', 'train split (worst layer)'), ('train_max_vio_mean', 'train split (layer mean)')):
         points = [(r['iter'], r[key]) for r in evals if number(r.get(key))]
         if points:
             ax_vio.plot(*zip(*points), 'o-', ms=3, label=label)
+    ax_loss.set_ylabel('cross-entropy (nats/token)')
     ax_vio.set_yscale('symlog', linthresh=0.5, linscale=2)   # linear where balance lives, log up to a collapse's 3.0
     ax_vio.set_yticks([0, 0.1, 0.2, 0.3, 0.5, 1, 2, 3], ['0', '0.1', '0.2', '0.3', '0.5', '1', '2', '3'])
     ax_vio.set_ylabel('MaxVio = (max load - mean) / mean')
-    ax_vio.set_xlabel('iteration')
     for ax in (ax_loss, ax_vio):
+        ax.set_xlabel('iteration')
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
@@ -83,10 +79,8 @@ def main(argv):
             im = ax.imshow(load, aspect='auto', cmap='coolwarm', vmin=0, vmax=2, extent=extent, interpolation='nearest')
             ax.set_title(f'val load per expert, layer {layer}' if layer == 0 else f'layer {layer}', fontsize=9)
             ax.tick_params(labelsize=7)
-            if layer % cols == 0:
-                ax.set_ylabel('expert', fontsize=8)
-            if layer >= len(loads) - cols:
-                ax.set_xlabel('iteration', fontsize=8)
+            ax.set_ylabel('expert' if layer % cols == 0 else '', fontsize=8)   # the first column, the last row
+            ax.set_xlabel('iteration' if layer >= len(loads) - cols else '', fontsize=8)
         for ax in axes[len(loads):]:
             ax.set_axis_off()
         fig.colorbar(im, ax=axes, shrink=0.9, label='1 = even share')

