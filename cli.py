@@ -69,8 +69,7 @@ def split_argv(argv, defaults):
     --key=VALUE, --key VALUE, a bare --flag for a bool, or a path. --help prints the keys and exits."""
     items, i = [], 0
     while i < len(argv):
-        arg = argv[i]
-        i += 1
+        arg, i = argv[i], i + 1
         if arg in ('-h', '--help'):
             print_help(defaults)
             raise SystemExit(0)
@@ -257,11 +256,10 @@ class Progress:
     def __init__(self, what, total=None, unit='', after=2.0, every=10.0, stream=None):
         self.what, self.total, self.unit, self.after, self.every = what, total, unit, after, every
         self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
+        self.tty, self.printed = self.stream.isatty(), False
         self.t0 = self.shown = time.time()
-        self.printed = False
 
-    def update(self, done, note=''):
+    def update(self, done):
         now = time.time()
         if now - self.t0 < self.after or now - self.shown < (0.5 if self.tty else self.every):
             return
@@ -270,7 +268,7 @@ class Progress:
         if self.total and done:
             when = f"{100 * done / self.total:.0f}%, {when}, ETA {fmt_time(elapsed * (self.total - done) / done)}"
         line = f"{self.what}: {done:,}" + (f"/{self.total:,}" if self.total else '')
-        line += (f" {self.unit}" if self.unit else '') + f" ({when})" + (f" {note}" if note else '')
+        line += (f" {self.unit}" if self.unit else '') + f" ({when})"
         self.stream.write(f"\r{line}\x1b[K" if self.tty else line + '\n')
         self.stream.flush()
         LAST_OUTPUT[0] = now
