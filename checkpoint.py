@@ -1,7 +1,7 @@
 """
-Files that must survive a crash: checkpoints (written beside and renamed into place, checksummed, refused
-when damaged), other files written atomically, and the locks that keep two processes out of one folder.
-(The run's log, log.jsonl, is runlog.py's.)
+Files that must survive a crash: checkpoints (written beside and renamed into place, checksummed, refused when
+damaged), other files written atomically, and the locks that keep two processes out of one folder. (The run's log,
+log.jsonl, is runlog.py's.)
 """
 
 import os
@@ -19,8 +19,7 @@ except ImportError:   # Windows: folders are not locked
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary name and renamed, so a crash or a full disk never leaves a
-# half-written file in place of the last good one; checksummed, so a damaged file is refused.
+# Checkpoints
 
 CKPT_FORMAT = 'deepseek-nano/3'
 NAMES = {'last': 'ckpt.pt', 'best': 'ckpt_best.pt'}   # the files train.py writes, as --ckpt and --eval_only name them
@@ -39,8 +38,8 @@ def save_checkpoint(ckpt, path):
 
 
 def load_checkpoint(path, parts=('model',)):
-    """The checkpoint dict and its ModelConfig. The given parts (and the small ones: config, tokenizer,
-    iteration) must match their checksum; a file that is not one of ours, or damaged, is a UserError."""
+    """The checkpoint dict and its ModelConfig. The given parts (and the small ones: config, tokenizer, iteration)
+    must match their checksum; a file that is not one of ours, or damaged, is a UserError."""
     check_file(path, 'checkpoint')
     try:
         # mmap: tensors are read on demand, so the optimizer state (twice the model) never fills memory
@@ -54,7 +53,7 @@ def load_checkpoint(path, parts=('model',)):
     missing = [k for k in ('model', 'model_args', 'tokenizer', 'checksum', *parts) if k not in ck]
     if missing:
         raise UserError(f"{path} is incomplete: it has no {', '.join(missing)}")
-    small = [k for k, v in ck.items() if k not in ('model', 'optimizer', 'checksum', 'format')]
+    small = [k for k in ck if k not in ('model', 'optimizer', 'checksum', 'format')]
     for part in (*parts, *small):
         if not isinstance(ck['checksum'], dict) or checksum(ck[part]) != ck['checksum'].get(part):
             raise UserError(f"{path} is damaged ('{part}' does not match its checksum): use an intact copy")
@@ -87,10 +86,9 @@ def checksum(obj, crc=0):
 # Folders
 
 def lock_folder(path, what, shared=False):
-    """Hold a lock on path/.lock for the life of the process; returns the open lock file. Exclusive (a
-    writer: creates path if needed): any other holder makes it refuse at once. Shared (a reader of a
-    folder that exists): other readers are welcome, a writer is refused, and so is this reader while a
-    writer holds it."""
+    """Hold a lock on path/.lock for the life of the process; returns the open lock file. Exclusive (a writer:
+    creates path if needed): any other holder makes it refuse at once. Shared (a reader of a folder that exists):
+    other readers are welcome, a writer is refused, and so is this reader while a writer holds it."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path} is a file, not a folder: choose another folder for the {what}")
     try:
@@ -116,8 +114,7 @@ def lock_folder(path, what, shared=False):
         f.close()
         raise UserError(f"{path} is in use by {holder}: wait for it to finish, or use another folder") from None
     if not shared:
-        f.seek(0)
-        f.truncate()
+        f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
     return f
@@ -149,8 +146,8 @@ def write_atomic(path, write):
 # by parameter name, so that a run sharded over N processes resumes in one, and the other way round.
 
 def full_state(model, optimizers, sharded):
-    """(model state dict, [optimizer state dicts keyed by parameter name]) on the CPU. Sharded (FSDP): every
-    process must call this, and each gets the whole of it gathered."""
+    """(model state dict, [optimizer state dicts keyed by parameter name]) on the CPU. Sharded (FSDP): every process
+    must call this, and each gets the whole of it gathered."""
     if sharded:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)

@@ -1,7 +1,6 @@
 """
-The command line every script shares: config files and --key=value overrides, progress on the terminal,
-and one-line errors (UserError, run). No script imports another script; they share this module and the
-other modules beside it (devices, dataset, checkpoint, model, memory, optim, copycheck).
+The command line every script shares: config files and --key=value overrides, progress on the terminal, and
+one-line errors (UserError, call_main). No script imports another script, only the modules beside them.
 """
 
 import ast
@@ -18,6 +17,9 @@ import traceback
 
 import torch
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+LAST_OUTPUT = [0.0]   # when a script last wrote to stdout: a Heartbeat counts silence from then
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad input, missing data, a busy folder): one line, no traceback, exit 2."""
@@ -26,27 +28,24 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------
 # Command line, the same for every script:
 #     python SCRIPT.py [config/FILE.py ...] [--key=value | --key value ...]
-# Config files apply left to right, then the overrides, wherever they stand (a malformed argument is
-# refused before any config file is read). A config file is plain Python whose public names override the
-# defaults; --key=value (or --key value) overrides one key. Values are Python literals, or plain text for string keys, and must match the default's type.
-# Bools take true/false/yes/no/1/0, and a bare --flag means --flag=true; a key whose default is None
-# takes true/false/auto. --help lists the keys.
+# Config files (plain Python whose public names override the defaults) apply left to right, then the overrides,
+# wherever they stand (a malformed argument is refused before any config file is read). Values are Python
+# literals, or plain text for string keys, and must match the default's type. Bools take true/false/yes/no/1/0,
+# and a bare --flag means --flag=true; a key whose default is None takes true/false/auto. --help lists the keys.
 
 BOOL_WORDS = {'true': True, 'yes': True, '1': True, 'false': False, 'no': False, '0': False}
 
 
 def settings_of(namespace):
-    """A script's settings: the lowercase public names of its module that hold a plain value (imported
-    constants such as EOT and helpers are left out)."""
+    """A script's settings: its module's lowercase public names that hold a plain value (not EOT, not helpers)."""
     return {k: v for k, v in namespace.items() if k.islower() and not k.startswith('_')
             and isinstance(v, (int, float, str, bool, type(None)))}
 
 
 def parse_config(argv, defaults, skip_file_keys=()):
-    """Merge config files, then overrides, from argv into a copy of defaults: an override wins wherever it
-    stands. Returns (config, given): given maps each key that a file or an override set to where it came
-    from (the file's path, or '--' for an override). Config files may also set keys in skip_file_keys
-    (another script's; True = any), which are ignored; any other unknown key is an error."""
+    """Config files, then overrides, from argv merged into a copy of defaults. Returns (config, given): given maps
+    each key set to where it came from (the file's path, or '--' for an override). Config files may also set
+    keys in skip_file_keys (another script's; True = any), which are ignored; any other unknown key is an error."""
     config, given = dict(defaults), {}
     items = split_argv(argv, defaults)
     for _, _, path in (item for item in items if item[2]):
@@ -70,8 +69,7 @@ def split_argv(argv, defaults):
     --key=VALUE, --key VALUE, a bare --flag for a bool, or a path. --help prints the keys and exits."""
     items, i = [], 0
     while i < len(argv):
-        arg = argv[i]
-        i += 1
+        arg, i = argv[i], i + 1
         if arg in ('-h', '--help'):
             print_help(defaults)
             raise SystemExit(0)
@@ -81,10 +79,8 @@ def split_argv(argv, defaults):
                 raise unknown_key(key, defaults, '')
             if not eq:   # --key value, or a bare bool flag
                 nxt = argv[i] if i < len(argv) else None
-                if isinstance(defaults[key], bool):
+                if isinstance(defaults[key], bool) and (nxt or '').lower() not in BOOL_WORDS:
                     raw = 'true'
-                    if nxt is not None and nxt.lower() in BOOL_WORDS:
-                        raw, i = nxt, i + 1
                 elif nxt is None or nxt.startswith('--'):
                     raise UserError(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
                 else:
@@ -97,13 +93,9 @@ def split_argv(argv, defaults):
     return items
 
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
 def repo_command(script, args):
-    """The command line that runs the repo's script with args from here, for advice in messages: `python
-    script.py ...` in the repo's folder, the script's full path from any other (paths in args stay relative
-    to here, as the scripts take them)."""
+    """The command line that runs the repo's script with args from here, for advice in messages: the script's
+    full path outside the repo's folder (paths in args stay relative to here, as the scripts take them)."""
     path = script if os.path.abspath('.') == ROOT else os.path.join(ROOT, script)
     return shlex.join(['python', path, *args])
 
@@ -112,12 +104,9 @@ def print_help(defaults):
     """The running script's docstring, then every key it takes with its default."""
     out = getattr(sys.stdout, 'stream', sys.stdout)   # not Stdout's: help has no work to go on with
     doc = (sys.modules['__main__'].__doc__ or '').strip()
-    print(doc + '\n' if doc else '', end='', file=out)
-    print(f"\nusage: python {os.path.basename(sys.argv[0])} [config/FILE.py ...] [--key=value | --key value ...]",
-          file=out)
-    print("keys (default):", file=out)
-    for key in sorted(defaults):
-        print(f"  --{key}={defaults[key]!r}", file=out)
+    usage = f"usage: python {os.path.basename(sys.argv[0])} [config/FILE.py ...] [--key=value | --key value ...]"
+    print(f"{doc}\n\n{usage}" if doc else f"\n{usage}", file=out)
+    print("keys (default):", *(f"  --{key}={defaults[key]!r}" for key in sorted(defaults)), sep='\n', file=out)
     out.flush()   # here, where call_main can tell a reader that went away, not at exit
 
 
@@ -129,16 +118,13 @@ def unknown_key(key, defaults, where):
 
 def parse_value(key, raw, default):
     """The text after --key= as a value of the default's type (a default of None: a bool or 'auto')."""
-    if default is None:
-        if raw.lower() in ('auto', 'none'):
-            return None
+    if default is None and raw.lower() in ('auto', 'none'):
+        return None
+    if default is None or isinstance(default, bool):
         if raw.lower() in BOOL_WORDS:
             return BOOL_WORDS[raw.lower()]
-        raise UserError(f"config key '{key}' expects true/false/auto, got {raw!r}")
-    if isinstance(default, bool):
-        if raw.lower() in BOOL_WORDS:
-            return BOOL_WORDS[raw.lower()]
-        raise UserError(f"config key '{key}' expects a bool (true/false/yes/no/1/0), got {raw!r}")
+        expects = 'true/false/auto' if default is None else 'a bool (true/false/yes/no/1/0)'
+        raise UserError(f"config key '{key}' expects {expects}, got {raw!r}")
     if isinstance(default, str):
         return raw   # any text, e.g. --data_dir=2024 stays '2024'
     try:
@@ -159,12 +145,12 @@ def show(value, limit=60):
 
 def check_type(key, value, default, shown):
     """value as the default's type, or a UserError naming key, the expected type and what was given."""
-    want = type(default)
-    if default is None and (value is None or isinstance(value, bool)):
+    want, number = type(default), isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(value, bool) and want in (bool, type(None)) or (value is None and default is None):
         return value
-    if want is bool and isinstance(value, bool):
-        return value
-    if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if want is int and number and (isinstance(value, int) or value.is_integer()):   # --max_iters=1e4
+        return int(value)
+    if want is float and number:
         try:
             value = float(value)   # --learning_rate=1 means 1.0
         except OverflowError:
@@ -172,11 +158,6 @@ def check_type(key, value, default, shown):
         if not math.isfinite(value):
             raise UserError(f"config key '{key}' expects a finite number, got {shown}")
         return value
-    if want is int and not isinstance(value, bool):
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():   # --max_iters=1e4
-            return int(value)
     if want is str and isinstance(value, str):
         return value
     names = {int: "an int", float: "a number", bool: "a bool (True/False)", str: "a string",
@@ -225,14 +206,10 @@ def check_ranges(cfg, rules):
             raise UserError(f"{key} must be {must}, got {show(cfg[key])}")
 
 
-LAST_OUTPUT = [0.0]   # when a script last wrote to stdout: a Heartbeat counts silence from then
-
-
 class Stdout:
-    """sys.stdout for a script whose work does not depend on being watched (training, preparing data): when
-    its reader goes away (`| head`), the file it goes to fills the disk, or it was closed from the start
-    (`>&-`), the work goes on without it, and stderr says so once, at the first line that cannot be
-    written. Every write also tells the Heartbeat that the script is not silent."""
+    """sys.stdout for work that does not depend on being watched (training, preparing data): when its reader
+    goes away (`| head`), its file fills the disk, or it was closed from the start (`>&-`), the work goes on
+    and stderr says so once, at the first line that cannot be written. Each write also feeds the Heartbeat."""
 
     def __init__(self, stream, going_on):
         self.stream, self.going_on, self.lost = stream, going_on, False
@@ -279,22 +256,19 @@ class Progress:
     def __init__(self, what, total=None, unit='', after=2.0, every=10.0, stream=None):
         self.what, self.total, self.unit, self.after, self.every = what, total, unit, after, every
         self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
+        self.tty, self.printed = self.stream.isatty(), False
         self.t0 = self.shown = time.time()
-        self.printed = False
 
-    def update(self, done, note=''):
+    def update(self, done):
         now = time.time()
         if now - self.t0 < self.after or now - self.shown < (0.5 if self.tty else self.every):
             return
-        self.shown, self.printed = now, True
-        elapsed = now - self.t0
-        line = f"{self.what}: {done:,}" + (f"/{self.total:,}" if self.total else '') + (f" {self.unit}" if self.unit else '')
+        self.shown, self.printed, elapsed = now, True, now - self.t0
+        when = fmt_time(elapsed)
         if self.total and done:
-            line += f" ({100 * done / self.total:.0f}%, {fmt_time(elapsed)}, ETA {fmt_time(elapsed * (self.total - done) / done)})"
-        else:
-            line += f" ({fmt_time(elapsed)})"
-        line += f" {note}" if note else ''
+            when = f"{100 * done / self.total:.0f}%, {when}, ETA {fmt_time(elapsed * (self.total - done) / done)}"
+        line = f"{self.what}: {done:,}" + (f"/{self.total:,}" if self.total else '')
+        line += (f" {self.unit}" if self.unit else '') + f" ({when})"
         self.stream.write(f"\r{line}\x1b[K" if self.tty else line + '\n')
         self.stream.flush()
         LAST_OUTPUT[0] = now
@@ -307,9 +281,9 @@ class Progress:
 
 
 class Heartbeat:
-    """For work that runs long without printing (a training step of a big model on a CPU): a background
-    thread says what is still running after every `every` seconds of silence (counted from the last line
-    the script printed: LAST_OUTPUT). Call beat(what) as each piece of work starts, and close() at the end."""
+    """For work that runs long without printing (a big model's training step on a CPU): a background thread says
+    what is still running after every `every` seconds of silence, counted from the last line the script printed
+    (LAST_OUTPUT), not from beat(). Call beat(what) as each piece of work starts, and close() at the end."""
 
     def __init__(self, every=25.0, active=True, stream=None):
         self.every, self.what, self.last, self.stream = every, '', time.time(), stream
@@ -318,7 +292,6 @@ class Heartbeat:
             threading.Thread(target=self.run, daemon=True).start()
 
     def beat(self, what):
-        """Name the work now running; the silence is counted from the last line printed, not from here."""
         self.what = what
 
     def run(self):
@@ -338,16 +311,12 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-SMALLER = "ask for less at once (a smaller --batch_size, --block_size or --num_samples) or a smaller model"
-
-
 def call_main(main, *args, going_on_without_stdout=None):
-    """Call main(*args) the way every script's command line does: a UserError, an OS error (a path that is a
-    file, no permission, a full disk) or running out of memory is one line on stderr and exit code 2;
-    Ctrl-C is exit code 130. Programming errors keep their traceback. Under torchrun the first process
-    speaks for all: the others stay quiet about a problem they share, or one that stopped the first.
-    going_on_without_stdout: what the script does when its standard output goes away (Stdout); None:
-    it stops, quietly, with exit code 1 (a sampler whose reader is gone has no one to write for)."""
+    """Call main(*args) as every script's command line does: a UserError, an OS error (a path that is a file, no
+    permission, a full disk) or running out of memory is one line on stderr and exit code 2; Ctrl-C is 130; programming
+    errors keep their traceback. Under torchrun the first process speaks for all: the others stay quiet about a problem
+    they share, or one that stopped the first. going_on_without_stdout: what the script does when stdout goes away
+    (Stdout); None: it stops quietly with exit code 1 (a sampler whose reader is gone has no one to write for)."""
     if going_on_without_stdout:
         sys.stdout = Stdout(sys.stdout, going_on_without_stdout)
     quiet = os.environ.get('RANK', '0') != '0'
@@ -355,13 +324,11 @@ def call_main(main, *args, going_on_without_stdout=None):
         return main(*args)
     except UserError as e:
         message = str(e)
-    except torch.OutOfMemoryError:
-        message, quiet = f"out of memory on the device: {SMALLER}", False
-    except MemoryError:
-        message, quiet = f"out of memory: {SMALLER}", False
-    except RuntimeError as e:
-        if "can't allocate memory" in str(e):   # the CPU allocator's own out-of-memory error
-            message, quiet = f"out of memory: {SMALLER}", False
+    except (MemoryError, RuntimeError) as e:   # "can't allocate memory": the CPU allocator's own out-of-memory error
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
+            where = ' on the device' if isinstance(e, torch.OutOfMemoryError) else ''
+            message, quiet = (f"out of memory{where}: ask for less at once (a smaller --batch_size, --block_size or "
+                              f"--num_samples) or a smaller model"), False
         elif quiet and torch.distributed.is_available() and isinstance(e, torch.distributed.DistError):
             message = "lost the other processes"   # the first one stopped and said why
         else:
@@ -387,11 +354,9 @@ def keep_freed_memory():
     """On Linux/glibc, keep freed memory in the process instead of handing it back to the OS. glibc maps
     large blocks (all over 32 MB: a layer's activations at a large batch) fresh and unmaps them on free, so
     each CPU step would page-fault through them again. A no-op elsewhere."""
-    if not sys.platform.startswith('linux'):
-        return
     try:
         libc = ctypes.CDLL('libc.so.6')
         libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD: serve blocks under 1 GiB from the heap
         libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap top untrimmed
-    except (OSError, AttributeError):   # musl and other libcs: nothing to tune
+    except (OSError, AttributeError):   # other systems, musl and other libcs: nothing to tune
         pass

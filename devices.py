@@ -1,9 +1,8 @@
 """
-The device plan: where a run goes and how it runs there, decided once, from the device (compute
-capability, memory, name) and from what this torch does on it: the dtype, the attention's SDPA kernel,
-the experts' grouped matmul, compile, FSDP's precision and the peak FLOP/s. train.py, sample.py and
-bench.py take their device decisions from here; train.py prints plan.line and plan.kernels(...) at start-up.
-What each GPU gets, and what in torch each choice rests on: docs/full-size.md.
+The device plan: where a run goes and how it runs there, decided once from the device (compute capability, memory,
+name) and from what this torch does on it: the dtype, the attention's SDPA kernel, the experts' grouped matmul,
+compile, FSDP's precision and the peak FLOP/s. train.py, sample.py and bench.py take their device decisions from
+here. What each GPU gets, and what in torch each choice rests on: docs/full-size.md.
 """
 
 import os
@@ -41,10 +40,10 @@ class DevicePlan:
         return next((v for k, v in PEAK_FLOPS.items() if k in self.name), None) if low else None
 
     def attention(self, mconf):
-        """(the SDPA kernel a training step's attention runs, whether its key/value heads are copied out
-        to one per query head for it). Each kernel's conditions are in torch's sdp_utils.cpp: flash takes
-        CC 8.0-12.1, fp16/bf16, equal query/key/value widths up to 256 and grouped heads; the memory-efficient
-        kernel CC 5.0 and up, fp16/fp32 (bf16 from 8.0), widths a multiple of 8, and no grouped heads."""
+        """(the SDPA kernel a training step's attention runs, whether its key/value heads are copied out to one
+        per query head for it). Each kernel's conditions are in torch's sdp_utils.cpp: flash takes CC 8.0-12.1,
+        fp16/bf16, equal query/key/value widths up to 256 and grouped heads; the memory-efficient kernel CC 5.0 and
+        up, fp16/fp32 (bf16 from 8.0), widths a multiple of 8, and no grouped heads."""
         if self.type != 'cuda':
             return f'{self.type} SDPA', False
         mla = mconf.attention == 'mla'
@@ -65,10 +64,9 @@ class DevicePlan:
 
     @property
     def fsdp(self):
-        """fully_shard's keywords for each block: FSDP2's mixed precision, the weights gathered in the run's
-        dtype (half the traffic of fp32), gradients reduce-scattered in fp32. The blocks' inputs are not
-        cast, and the whole model (embedding and head) is sharded without it: the residual stream stays
-        fp32 as in one process, and autocast runs each op in the run's dtype."""
+        """fully_shard's keywords for each block: weights gathered in the run's dtype (half the traffic of fp32),
+        gradients reduce-scattered in fp32. The blocks' inputs are not cast, and the whole model is sharded without
+        it: the residual stream stays fp32 as in one process, and autocast runs each op in the run's dtype."""
         from torch.distributed.fsdp import MixedPrecisionPolicy
         low = None if self.dtype == torch.float32 else self.dtype
         policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, cast_forward_inputs=False)
@@ -108,10 +106,7 @@ class DevicePlan:
         return f"kernels: attention {kernel}{copies} | experts {self.moe()}{sharded}"
 
     def autocast(self):
-        """Mixed precision for the forward pass: nothing in fp32, autocast otherwise."""
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=self.type, dtype=self.dtype)
+        return nullcontext() if self.dtype == torch.float32 else torch.autocast(device_type=self.type, dtype=self.dtype)
 
     def sync(self):
         """Wait for the device, so that a timing covers the work and not just its launch."""
@@ -121,8 +116,8 @@ class DevicePlan:
             torch.mps.synchronize()
 
     def matmul_flops(self, seconds=0.2):
-        """This device's measured matmul rate (FLOP/s) in the plan's dtype, from square matmuls timed for a
-        fraction of a second: what a training step's speed is a fraction of."""
+        """This device's measured matmul rate (FLOP/s) in the plan's dtype, from square matmuls timed for a fraction
+        of a second: what a training step's speed is a fraction of."""
         n = 1024 if self.type == 'cpu' else 4096
         g = torch.Generator(self.device).manual_seed(0)   # its own: a run's random streams are not touched
         a, b = (torch.randn(n, n, device=self.device, dtype=self.dtype, generator=g) for _ in range(2))
@@ -137,9 +132,9 @@ class DevicePlan:
 
 
 def plan(device='auto', dtype='auto', compile=None, local_rank=None):
-    """The DevicePlan for the device, dtype and compile keys. device 'auto' is cuda > mps > cpu; dtype 'auto'
-    is bf16 autocast on GPUs that compute in it, fp16 on older ones, fp32 elsewhere; compile None is on for
-    CUDA. Under torchrun (local_rank given) a CUDA run takes cuda:LOCAL_RANK."""
+    """The DevicePlan for the device, dtype and compile keys. device 'auto' is cuda > mps > cpu; dtype 'auto' is bf16
+    autocast on GPUs that compute in it, fp16 on older ones, fp32 elsewhere; compile None is on for CUDA. Under
+    torchrun (local_rank given) a CUDA run takes cuda:LOCAL_RANK."""
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     kind, _, index = device.partition(':')
@@ -156,9 +151,9 @@ def plan(device='auto', dtype='auto', compile=None, local_rank=None):
 
 
 def cuda_plan(index, dtype, compile):
-    """The plan for GPU number index. The process takes that GPU as its own before asking anything of it,
-    and every question names it, so no process opens a context on another's GPU (torch asks the current
-    device wherever it is not told one)."""
+    """The plan for GPU number index. The process takes that GPU as its own before asking anything of it, and every
+    question names it, so no process opens a context on another's GPU (torch asks the current device wherever it is
+    not told one)."""
     if not torch.cuda.is_available():
         raise UserError("device=cuda but CUDA is not available: use --device=cpu")
     count = torch.cuda.device_count()   # from the driver: opens no GPU

@@ -1,20 +1,16 @@
 """
-The memory a training step needs, and which settings fit a device: train.py asks it before the first
-step (it turns activation checkpointing on where a step would not fit without it, and refuses a run that
-cannot fit at all, naming settings that would); bench.py's memory row prints it for common GPUs.
-
-A step holds:
-    state        weights, gradients and AdamW's two moments: 16 bytes per parameter (fp32), divided
-                 among the processes under FSDP, which also holds two blocks' gathered weights (the one
-                 running and the next) and one block's unsharded gradient at a time
-    saved        the tensors the forward pass leaves for backward. They are counted, not guessed: one and
-                 two blocks at the model's real widths run forward on 16 and 32 tokens as the device
-                 plan runs them (the autocast dtype; the attention's key/value heads copied out where
-                 the GPU's kernel needs it), with saved_tensors_hooks adding up what autograd keeps;
-                 that gives bytes per block and per token (and the head's share), scaled to the batch.
-                 With activation checkpointing a block keeps only its input.
-    transient    what backward allocates beside them: about one block's saved tensors again, twice that
-                 with checkpointing (the block whose forward runs again, and its backward)
+The memory a training step needs, and which settings fit a device: train.py asks it before the first step (it turns
+activation checkpointing on where a step would not fit without it, and refuses a run that cannot fit at all, naming
+settings that would); bench.py's memory row prints it for common GPUs. A step holds:
+    state      weights, gradients and AdamW's two moments: 16 bytes per parameter (fp32), divided among the
+               processes under FSDP, which also holds two blocks' gathered weights (the one running and the next)
+               and one block's unsharded gradient at a time
+    saved      what the forward pass leaves for backward, counted, not guessed: one and two blocks at the model's
+               real widths run forward on 16 and 32 tokens as the device plan runs them (its autocast dtype, its
+               attention's key/value heads), with saved_tensors_hooks adding up what autograd keeps: bytes per block
+               and per token, and the head's share, scaled to the batch. Checkpointed, a block keeps only its input.
+    transient  what backward allocates beside them: about one block's saved tensors again, twice that with
+               checkpointing (the block whose forward runs again, and its backward)
 """
 
 import functools
@@ -30,43 +26,38 @@ HEADROOM = 0.9      # of the device's memory a run may plan to use: the rest for
 PROBE = (16, 32)    # the sequence lengths the count runs
 
 
-def saved_bytes(mconf, low_precision, expand_kv=False):
-    """(per block: (bytes, bytes per token), the rest: (bytes, bytes per token)) that autograd keeps for
-    backward, counted at this model's widths (once per process). Saved bytes do not depend on block_size,
-    so the count's model takes one that holds the probe's sequences."""
-    fields = dict(vars(mconf), block_size=PROBE[-1])
-    return _saved_bytes(tuple(sorted(fields.items())), low_precision, expand_kv)
+def per_config(count):
+    """count(mconf, *args), remembered for the last few configs (by their fields: a ModelConfig is not hashable)."""
+    remembered = functools.lru_cache(maxsize=8)(lambda fields, *args: count(ModelConfig(**dict(fields)), *args))
+    return lambda mconf, *args: remembered(tuple(sorted(vars(mconf).items())), *args)
 
 
-@functools.lru_cache(maxsize=8)
-def _saved_bytes(fields, low_precision, expand_kv):
-    mconf = dict(fields)
-    small = dict(mconf, vocab_size=256)   # the blocks' share, counted without the head of a big vocabulary
+@per_config
+def saved_bytes(mconf, low_precision, expand_kv):
+    """(per block, the rest: the head and embedding), each (bytes, bytes per token) that autograd keeps for backward.
+    They do not depend on block_size: the count's model takes one that holds the probe's sequences."""
+    full = dict(vars(mconf), block_size=PROBE[-1], n_layer=1)
+    small = dict(full, vocab_size=256)   # the blocks' share, counted without the head of a big vocabulary
     one, two, head = (count_saved(ModelConfig(**c), low_precision, expand_kv)
-                      for c in (dict(small, n_layer=1), dict(small, n_layer=2), dict(mconf, n_layer=1)))
-    block = [b - a for a, b in zip(one, two)]                     # at T = 16 and 32
+                      for c in (small, dict(small, n_layer=2), full))
+    block = [b - a for a, b in zip(one, two)]
     rest = [h - b for h, b in zip(head, block)]
-    per_token_block, per_token_rest = (block[1] - block[0]) / 16, (rest[1] - rest[0]) / 16
-    return (block[0] - 16 * per_token_block, per_token_block), (rest[0] - 16 * per_token_rest, per_token_rest)
+    # each a line through the counts at T = 16 and 32: (bytes at T = 0, bytes per token)
+    return tuple((2 * y[0] - y[1], (y[1] - y[0]) / 16) for y in (block, rest))
 
 
+@per_config
 def param_counts(mconf):
     """(all parameters, one block's), from a model on the meta device: sizes without values."""
-    return _param_counts(tuple(sorted(vars(mconf).items())))
-
-
-@functools.lru_cache(maxsize=8)
-def _param_counts(fields):
     with torch.device('meta'):
-        model = DeepSeekLM(ModelConfig(**dict(fields)))
+        model = DeepSeekLM(mconf)
     return model.num_params(), sum(p.numel() for p in model.blocks[0].parameters())
 
 
-def count_saved(mconf, low_precision, expand_kv=False, lengths=PROBE):
-    """Bytes of the distinct storages autograd saves for one forward of 1 x T tokens, for each T in lengths.
-    The model runs under FakeTensorMode: its tensors have shapes, dtypes and a device (the CPU, whose SDPA
-    saves what a GPU's fused kernels save) but no data, so nothing is computed and the full-size model is
-    counted in a second."""
+def count_saved(mconf, low_precision, expand_kv):
+    """Bytes of the distinct storages autograd saves for one forward of 1 x T tokens, for each T in PROBE. The model
+    runs under FakeTensorMode: its tensors have shapes, dtypes and a device (the CPU, whose SDPA saves what a GPU's
+    fused kernels save) but no data, so nothing is computed and the full-size model is counted in a second."""
     out = []
     with FakeTensorMode():
         model = DeepSeekLM(mconf).train()
@@ -74,7 +65,7 @@ def count_saved(mconf, low_precision, expand_kv=False, lengths=PROBE):
             if hasattr(m, 'expand_kv'):
                 m.expand_kv = expand_kv
         params = {p.untyped_storage()._cdata for p in model.parameters()}
-        for T in lengths:
+        for T in PROBE:
             x = torch.randint(mconf.vocab_size, (1, T + 1))
             storages = {}
 
@@ -115,11 +106,10 @@ def largest_batch(mconf, memory, low_precision, checkpointing, shards=1, limit=1
 
 def plan(mconf, batch_size, accum, low_precision, memory, shards, checkpointing, expand_kv=False):
     """(activation checkpointing on?, the estimate, a line that says so). memory: the device plan's bytes;
-    low_precision and expand_kv: how it runs the step (its dtype, its attention's key/value heads).
-    checkpointing None = automatic: on only where the step would not fit without it. A step that cannot
-    fit is a ValueError naming the settings that would: a smaller batch with more accumulation (same tokens
-    per step), checkpointing, sharding over more GPUs."""
-    step = lambda b, on, n=shards: estimate(mconf, b, low_precision, on, n, expand_kv)
+    low_precision and expand_kv: how it runs the step. checkpointing None = automatic: on only where the step would
+    not fit without it. A step that cannot fit is a ValueError naming the settings that would: a smaller batch with
+    more accumulation (same tokens per step), checkpointing, sharding over more GPUs."""
+    step = lambda b, on: estimate(mconf, b, low_precision, on, shards, expand_kv)
     if memory is None:   # a device that does not say (MPS): no automatic choice, no refusal
         on = bool(checkpointing)
         return on, step(batch_size, on), 'memory: the device does not report its size'
@@ -132,7 +122,7 @@ def plan(mconf, batch_size, accum, low_precision, memory, shards, checkpointing,
     if est['total'] > HEADROOM * memory:
         raise ValueError(refusal(mconf, batch_size, accum, low_precision, memory, shards, on, est,
                                  expand_kv=expand_kv))
-    why = (' (on: the step would not fit without it)' if on and checkpointing is None else '')
+    why = ' (on: the step would not fit without it)' if on and checkpointing is None else ''
     line = (f"memory: a step needs about {size(est['total'])} of the device's {size(memory)} (weights, gradients, "
             f"AdamW {size(est['state'])}; saved for backward {size(est['saved'])}; temporaries {size(est['transient'])}); "
             f"activation checkpointing {'on' if on else 'off'}{why}")
