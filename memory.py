@@ -1,7 +1,7 @@
 """
-The memory a training step needs, and which settings fit a device: train.py asks it before the first step (it turns
-activation checkpointing on where a step would not fit without it, and refuses a run that cannot fit at all, naming
-settings that would); bench.py's memory row prints it for common GPUs. A step holds:
+The memory a training step needs, and which settings fit a device: preflight.py asks it before train.py's first step
+(it turns activation checkpointing on where a step would not fit without it, and refuses a run that cannot fit at
+all, naming settings that would); bench.py's memory row prints it for common GPUs. A step holds:
     state      weights, gradients and AdamW's two moments: 16 bytes per parameter (fp32), divided among the
                processes under FSDP, which also holds two blocks' gathered weights (the one running and the next)
                and one block's unsharded gradient at a time
