@@ -304,6 +304,41 @@ def test_a_run_that_overfits_says_so_and_sample_takes_its_best_model(tmp_path, c
     assert f"the run's best was {best['val_loss']:.4f}: --ckpt=best samples that model" in capsys.readouterr().err
 
 
+def test_the_cards_run_says_how_many_passes_it_makes(tmp_path, capsys):
+    """The card's 10,000 steps of 8 x 1,024 tokens: 78 passes over the bundled plays' 1,051,866 training
+    tokens (and a note on what to expect), a fraction of one over TinyStories' (about 470M)."""
+    from model import DeepSeekLM, ModelConfig
+    with torch.device('meta'):
+        model = DeepSeekLM(ModelConfig())
+    cfg = {**train.DEFAULTS, 'fsdp': False}
+    dev = devices.plan('cpu', 'float32', False)
+    for train_tokens, passes in ((1_051_866, '77.88 passes'), (470_000_000, '0.17 passes')):
+        data = preflight.Data('data/x', {'train_tokens': train_tokens, 'val_tokens': 1, 'n_vocab': 49152}, {}, {}, '')
+        preflight.announce(cfg, model.config, data, dev, 1, model, 0, 'memory: ...', 8 * 1024)
+        printed = capsys.readouterr().out
+        assert f'({passes} over the train split)' in printed
+        assert ('note: 78 passes over 1,051,866 tokens for 679,809,792 parameters' in printed) == (passes[0] == '7')
+
+
+def test_the_start_of_a_run_does_not_read_its_whole_token_file(data_dir, tmp_path):
+    """A start or a resume reads only the windows it trains and evaluates on: a 2 GB (sparse) train split with
+    a token id outside the vocabulary at its very end starts and resumes at once; only the windows read are
+    checked for such ids."""
+    big = copy_files(data_dir, str(tmp_path / 'big'))
+    meta = json.load(open(os.path.join(big, 'meta.json')))
+    n = 2**30
+    with open(os.path.join(big, 'train.bin'), 'wb') as f:
+        f.truncate(2 * n)   # n zero tokens, no disk used
+        f.seek(2 * n - 2)
+        f.write(np.array([meta['n_vocab'] + 5], dtype=meta['dtype']).tobytes())
+    meta['train_tokens'] = n
+    json.dump(meta, open(os.path.join(big, 'meta.json'), 'w'))
+    args = [*TINY, f'--data_dir={big}', f'--out_dir={tmp_path}/out', '--eval_interval=2', '--log_interval=1']
+    train_here(*args, '--max_iters=2')
+    train_here(*args, '--max_iters=4', '--init_from=resume')
+    assert max(losses(f'{tmp_path}/out')) == 4
+
+
 def test_a_resume_that_fails_keeps_the_finished_runs_result(data_dir, tmp_path, monkeypatch):
     """A finished run's log keeps its records, the whole-val result included, through a resume that
     diverges or is interrupted before it writes a checkpoint of its own; the resume that does checkpoint
