@@ -370,8 +370,8 @@ def test_training_outlives_its_standard_output(data_dir, tmp_path):
     procs = {}
     for name, stdout in (('head', subprocess.PIPE), ('full', open('/dev/full', 'w')), ('closed', None)):
         procs[name] = subprocess.Popen(train_cmd(*TINY, f'--data_dir={data_dir}', f'--out_dir={tmp_path}/{name}',
-                                                 '--max_iters=12', '--eval_interval=6', '--log_interval=1'),
-                                       cwd=ROOT, env=env_for(), stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                                 '--max_iters=6', '--eval_interval=3', '--log_interval=1'),
+                                       cwd=ROOT, env=env_for(1), stdout=stdout, stderr=subprocess.PIPE, text=True,
                                        preexec_fn=(lambda: os.close(1)) if name == 'closed' else None)   # >&-
     assert [procs['head'].stdout.readline() for _ in range(3)][0].startswith('model:')
     procs['head'].stdout.close()   # as `head -3` does
@@ -379,8 +379,8 @@ def test_training_outlives_its_standard_output(data_dir, tmp_path):
         _, err = procs[name].communicate(timeout=300)
         assert procs[name].returncode == 0, err
         assert err == f"note: standard output is gone ({reason}); training goes on; its records are in log.jsonl\n"
-        assert max(losses(f'{tmp_path}/{name}')) == 12
-        assert torch.load(f'{tmp_path}/{name}/ckpt.pt', weights_only=True)['iter_num'] == 12
+        assert max(losses(f'{tmp_path}/{name}')) == 6
+        assert torch.load(f'{tmp_path}/{name}/ckpt.pt', weights_only=True)['iter_num'] == 6
 
 
 # -----------------------------------------------------------------------------
