@@ -19,6 +19,9 @@ holds on a shared, noisy machine where absolute times would not. Rows (JSON keys
     moe_vs_dense           the MoE layer at the reference sizes (768 -> 2048, 8 experts top-2; router,
                            dispatch, experts, combine; forward + backward) over a dense FFN doing the
                            same useful FLOPs on N*k tokens                                     [>= 0.90]
+    moe_step_vs_dense      the eager train step of config/deepseek_mini.py with one dense feed-forward as
+                           wide as a token's k experts (the same FLOPs, no routing) over the MoE's; _card:
+                           the same at the card's widths, 2 layers                             [>= 0.91]
     latent_attn_vs_causal  the card's latent-token attention layer at T=1024 over the same layer with
                            no latents and plain causal SDPA                                    [>= 0.95]
     cache_speedup          model.generate of 512 tokens with the KV cache over full forwards   [>= 10]
@@ -57,7 +60,8 @@ from model import DeepSeekLM, LatentTokenAttention, ModelConfig, MoE, apply_rope
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL_KEYS = [f.name for f in dataclasses.fields(ModelConfig)]
 
-GOALS = {'train_vs_mm': 0.70, 'step_vs_gemm_floor': 0.80, 'moe_vs_dense': 0.90, 'latent_attn_vs_causal': 0.95, 'cache_speedup': 10.0,
+GOALS = {'train_vs_mm': 0.70, 'step_vs_gemm_floor': 0.80, 'moe_vs_dense': 0.90, 'moe_step_vs_dense': 0.91,
+         'latent_attn_vs_causal': 0.95, 'cache_speedup': 10.0,
          'vs_transformers': 1.3, 'vs_deepseek_v3': 1.3}
 
 
@@ -261,6 +265,21 @@ def row_moe_vs_dense(args, device, out):
                                  fwd_bwd(lambda: dense(x_dense), ctx, [x_dense, *dense.parameters()]),
                                  device, args.repeats)
     out['moe_vs_dense'] = t_dense / t_moe
+
+
+def row_moe_step_vs_dense(args, device, out):
+    """The eager train step of config/deepseek_mini.py against the same step with one dense feed-forward
+    of the width a token uses (n_expert=1 of hidden n_expert_active * expert_hidden: no router, sort or
+    gather; the same FLOPs per token): what routing costs per step. _card: the card's widths (768 wide,
+    experts of 2048, 12/4 heads of 64) in 2 layers at the mini config's vocabulary and tokens per step."""
+    card = dict(n_layer=2, n_embd=768, n_head=12, n_kv_head=4, head_dim=64, expert_hidden=2048)
+    for key, sizes in (('moe_step_vs_dense', {}), ('moe_step_vs_dense_card', card)):
+        cfg = load_config('deepseek_mini.py', **sizes, **args.mini)
+        dense = {**cfg, 'n_expert': 1, 'n_expert_active': 1,
+                 'expert_hidden': cfg['n_expert_active'] * cfg['expert_hidden']}
+        (step_moe, _), (step_dense, _) = our_train_step(cfg, device, False), our_train_step(dense, device, False)
+        t_moe, t_dense = timeit_pair(step_moe, step_dense, device, args.repeats)
+        out[key] = t_dense / t_moe
 
 
 def row_latent_attn_vs_causal(args, device, out):
@@ -490,8 +509,8 @@ def row_memory(args, device, out):
                    for name, gib, dtype in GPUS}
 
 
-ROWS = [row_train_vs_mm, row_step_vs_gemm_floor, row_moe_vs_dense, row_latent_attn_vs_causal, row_cache_speedup, row_mla_decode_vs_latent,
-        row_vs_transformers, row_mfu, row_compile_speedup, row_memory]
+ROWS = [row_train_vs_mm, row_step_vs_gemm_floor, row_moe_vs_dense, row_moe_step_vs_dense, row_latent_attn_vs_causal,
+        row_cache_speedup, row_mla_decode_vs_latent, row_vs_transformers, row_mfu, row_compile_speedup, row_memory]
 
 
 # ----------------------------------------------------------------------------------------------

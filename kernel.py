@@ -1,8 +1,7 @@
 """
-The model's machinery, beside it as DeepSeek-V3's kernel.py is: the experts' grouped matmul (a custom
-op, with a plain per-expert fallback), the LM head and its loss in chunks of rows, the MoE's
-permutation gather, the dtype matmuls run in under autocast, and activation checkpointing. model.py says what is computed; this
-file, how.
+The model's machinery, beside it as DeepSeek-V3's kernel.py is: the experts' grouped matmul (with a plain
+per-expert fallback), the LM head and its loss in chunks of rows, the MoE's dispatch and combine, the dtype
+matmuls run in under autocast, and activation checkpointing. model.py says what is computed; this file, how.
 """
 
 from contextlib import contextmanager, nullcontext
@@ -13,12 +12,18 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
-@torch.library.custom_op("deepseek_nano::grouped_mm", mutates_args=())
-def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+def grouped_mm(a, b, offs):
     """(N, K) @ (G, K, M) -> (N, M) with rows split into G groups at offs (offs[g] = end of group g);
-    or (K, N) @ (N, M) -> (G, K, M), the weight gradient. An opaque op to torch.compile, whose own shape
-    function for F.grouped_mm accepts only bf16. F.grouped_mm wherever it takes the dtype, else one matmul
-    per group (float64; MPS)."""
+    or (K, N) @ (N, M) -> (G, K, M), the weight gradient. F.grouped_mm wherever it takes the dtype, else one
+    matmul per group (float64; MPS). Eager calls take the kernel and its autograd directly; torch.compile
+    gets it wrapped in an opaque op (below), since its own shape function for F.grouped_mm accepts only bf16."""
+    if has_grouped_mm_kernel(a) and not torch.compiler.is_compiling():
+        return F.grouped_mm(a, b, offs=offs)
+    return grouped_mm_op(a, b, offs)
+
+
+@torch.library.custom_op("deepseek_nano::grouped_mm", mutates_args=())
+def grouped_mm_op(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     if has_grouped_mm_kernel(a):
         return F.grouped_mm(a, b, offs=offs)
     return grouped_mm_loop(a, b, offs)
@@ -43,7 +48,7 @@ def grouped_mm_loop(a, b, offs):
     return torch.stack([a[:, s:e] @ b[s:e] for s, e in zip(starts, ends)])
 
 
-@grouped_mm.register_fake
+@grouped_mm_op.register_fake
 def _(a, b, offs):
     if b.dim() == 3:
         return a.new_empty(a.size(0), b.size(2))
@@ -61,7 +66,7 @@ def _grouped_mm_backward(ctx, grad):
     return grouped_mm(grad, b.transpose(1, 2), offs), grouped_mm(a.t(), grad, offs), None
 
 
-grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def matmul_dtype(t):
@@ -136,21 +141,49 @@ def mm_fp32(a, b):
 
 
 class GatherRows(torch.autograd.Function):
-    """rows[s] = x[perm[s] // k] for a permutation `perm` of the N*k (token, choice) pairs, inv = its inverse.
-    Autograd's own backward for x[idx] scatter-adds (slow on CPU, nondeterministic on CUDA); knowing the
-    permutation, the backward is a gather instead: grad_x[t] = sum_j grad[inv[t*k + j]]."""
+    """The MoE's dispatch: rows[s] = x[order[s] // k], where slot s holds the (token, choice) pair order[s]
+    (pair t*k + j is token t's j-th choice; slots sorted by expert) and inv, the inverse permutation, maps a
+    pair to its slot. Autograd's own backward for an index scatter-adds (nondeterministic on CUDA);
+    knowing the permutation, the backward is a gather instead: grad_x[t] = sum_j grad[inv[t*k + j]]."""
 
     @staticmethod
-    def forward(ctx, x, perm, inv, k):
+    def forward(ctx, x, order, inv, k):
         ctx.save_for_backward(inv)
         ctx.k = k
-        return x.index_select(0, perm // k)
+        return x.index_select(0, order // k)
 
     @staticmethod
     def backward(ctx, grad):
         inv, = ctx.saved_tensors
-        grad = grad.index_select(0, inv)
-        return (grad if ctx.k == 1 else grad.unflatten(0, (-1, ctx.k)).sum(1)), None, None, None
+        return pair_sum(grad.index_select(0, inv).unflatten(0, (-1, ctx.k))), None, None, None
+
+
+class Combine(torch.autograd.Function):
+    """The MoE's combine: y[t] = sum_j gate[t, j] * rows[inv[t*k + j]], each token's k expert outputs read
+    from their slots and weighted by its gates (k = gate.size(1)). Its backward gathers too, no scatter:
+    grad_rows[s] = gate of pair order[s] * grad_y[order[s] // k], grad_gate[t, j] = grad_y[t] . its row."""
+
+    @staticmethod
+    def forward(ctx, rows, gate, order, inv):
+        pairs = rows.index_select(0, inv).unflatten(0, (-1, gate.size(1)))   # (N, k, D), token order
+        ctx.save_for_backward(pairs, gate, order)
+        return pair_sum(pairs, gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pairs, gate, order = ctx.saved_tensors
+        grad_gate = torch.linalg.vecdot(pairs.to(grad.dtype), grad.unsqueeze(1))
+        grad_rows = grad.index_select(0, order // gate.size(1)) * gate.flatten()[order, None]
+        return grad_rows.to(pairs.dtype), grad_gate, None, None
+
+
+def pair_sum(pairs, gate=None):
+    """(N, k, D) -> (N, D): the sum over k, each term weighted by gate (N, k) if given, as a running sum
+    of the k slices (on a CPU, faster than a reduction over the middle axis)."""
+    y = pairs[:, 0] if gate is None else pairs[:, 0] * gate[:, :1]
+    for j in range(1, pairs.size(1)):
+        y = y + pairs[:, j] if gate is None else y.addcmul_(pairs[:, j], gate[:, j:j + 1])
+    return y
 
 
 # ----------------------------------------------------------------------------------------------

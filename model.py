@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernel import RECOMPUTING, GatherRows, checkpointed, grouped_mm, linear_cross_entropy, matmul_dtype
+from kernel import RECOMPUTING, Combine, GatherRows, checkpointed, grouped_mm, linear_cross_entropy, matmul_dtype
 from optim import Muon
 
 
@@ -52,6 +52,8 @@ class ModelConfig:
     router_score: str = 'softmax'   # 'softmax' | 'sigmoid' (DeepSeek-V3)
     router_jitter: float = 0.01     # multiplicative noise on the router input, training only
     balance_rate: float = 1e-3      # bias update speed of loss-free balancing
+    balance_update: str = 'sign'    # 'sign': each bias moves by the full rate (DeepSeek-V3) | 'proportional':
+                                    # by rate * its load's relative error, settling near balance (docs/balancing.md)
     router_center: bool = True      # route each token on its input minus its sequence's running mean (Router)
 
     def __post_init__(self):
@@ -64,7 +66,8 @@ class ModelConfig:
                 value = getattr(self, name)
                 if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
                     raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-        for name, choices in (('attention', ('latent', 'mla')), ('router_score', ('softmax', 'sigmoid'))):
+        for name, choices in (('attention', ('latent', 'mla')), ('router_score', ('softmax', 'sigmoid')),
+                              ('balance_update', ('sign', 'proportional'))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be '{choices[0]}' or '{choices[1]}', got {getattr(self, name)!r}")
         if self.n_head % self.n_kv_head:
@@ -280,13 +283,16 @@ class Router(nn.Module):
         """x (B, T, D) -> gates (B*T, k) fp32 summing to 1, chosen experts (B*T, k), tokens per expert.
         real (B, T): False for left padding, which the sequence means leave out."""
         with torch.autocast(x.device.type, enabled=False):   # routing decisions in fp32
-            r_in = x.float()
-            if self.center:
-                r_in = self.centered(r_in, real, cache)
-            r_in = r_in.flatten(0, 1)
-            if self.training and self.jitter > 0:   # multiplicative noise on the input: explores other experts
-                r_in = r_in * torch.empty_like(r_in).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            logits = F.linear(r_in, self.weight.float())
+            r_in, weight = x.float(), self.weight.float()
+            if self.training and self.jitter > 0:   # multiplicative noise on the (centred) input: explores
+                if self.center:
+                    r_in = self.centered(r_in, real, cache)
+                logits = F.linear(r_in * torch.empty_like(r_in).uniform_(1.0 - self.jitter, 1.0 + self.jitter), weight)
+            else:   # centring commutes with the projection: centre the n_expert logits, not the n_embd inputs
+                logits = F.linear(r_in, weight)
+                if self.center:
+                    logits = self.centered(logits, real, cache)
+            logits = logits.flatten(0, 1)
             scores = logits.softmax(-1) if self.score == 'softmax' else logits.sigmoid()
             expert = torch.topk(scores + self.expert_bias.float(), self.k, dim=-1).indices   # bias picks...
             gate = scores.gather(1, expert)                                                  # ...never weighs
@@ -294,16 +300,18 @@ class Router(nn.Module):
         flat = expert.flatten()
         counts = torch.zeros_like(self.expert_counts).scatter_add_(0, flat, torch.ones_like(flat))
         if not RECOMPUTING[0]:   # a checkpointed block's second forward picks the same experts again
-            with torch.no_grad():
-                self.expert_counts += counts
+            self.expert_counts.add_(counts)
         return gate, expert, counts
 
     def centered(self, x, real, cache):
-        """x (B, T, D) minus the mean of its sequence's tokens up to and including each one. With a cache,
+        """x (B, T, C) minus the mean of its sequence's tokens up to and including each one. With a cache,
         each row's running (sum, count) carries over from earlier forwards, so decoding routes exactly
         as a full forward over the same tokens does."""
-        m = torch.ones_like(x[..., :1]) if real is None else real[..., None].to(x.dtype)
-        total, count = (x * m).cumsum(1), m.cumsum(1)
+        if real is None:
+            total, count = x.cumsum(1), torch.arange(1, x.size(1) + 1, device=x.device, dtype=x.dtype)[None, :, None]
+        else:
+            m = real[..., None].to(x.dtype)
+            total, count = (x * m).cumsum(1), m.cumsum(1)
         if cache is not None:
             if cache.router_sums[self.layer_idx] is not None:
                 prev_total, prev_count = cache.router_sums[self.layer_idx]
@@ -326,6 +334,8 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd, cfg.expert_hidden))  # expert up: x @ w1[e]
         self.w2 = nn.Parameter(torch.empty(cfg.n_expert, cfg.expert_hidden, cfg.n_embd))  # expert down
         self.dropout = nn.Dropout(cfg.expert_dropout)
+        if cfg.n_expert == 1:   # a dense feed-forward: nothing to route, its gate is always 1 (forward)
+            self.router.weight.requires_grad_(False)
         self.shared = None
         if cfg.n_shared_expert:
             hidden = cfg.n_shared_expert * cfg.expert_hidden
@@ -333,35 +343,37 @@ class MoE(nn.Module):
                                         nn.Linear(hidden, cfg.n_embd, bias=False), nn.Dropout(cfg.expert_dropout))
 
     def forward(self, x, real=None, cache=None):
+        if self.n_expert == 1:   # the dense baseline (docs/moe_vs_dense.md): no router, sort or gather
+            y = self.dropout(F.silu(x @ self.w1[0]) @ self.w2[0])
+            return y if self.shared is None else y + self.shared(x)
         B, T, D = x.shape
         gate, expert, counts = self.router(x, real, cache)
         x = x.reshape(B * T, D)
-        dtype = matmul_dtype(x)
+        dtype, gate = matmul_dtype(x), gate.to(x.dtype)   # matmuls in autocast's dtype, the weighted sum in x's
         if not self.training and expert.numel() < self.n_expert:
-            out = self.experts_by_pair(x.to(dtype), expert, dtype)
+            y = self.experts_by_pair(x.to(dtype), gate, expert, dtype)
         else:
-            out = self.experts_grouped(x.to(dtype), expert, counts, dtype)
-        # combine: each token's k expert outputs weighted by its gates
-        y = (out.view(B * T, self.k, D).to(x.dtype) * gate.unsqueeze(-1).to(x.dtype)).sum(1)
+            y = self.experts_grouped(x.to(dtype), gate, expert, counts, dtype)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.view(B, T, D)
 
-    def experts_grouped(self, x, expert, counts, dtype):
-        """x (N, D), expert (N, k) -> expert outputs (N*k, D) in (token, choice) pair order."""
-        order = expert.flatten().argsort(stable=True)   # slot -> pair, slots sorted by expert
-        inv = order.argsort()                            # pair -> slot
-        offs = counts.cumsum(0).to(torch.int32)          # offs[e] = end of expert e's run of slots
+    def experts_grouped(self, x, gate, expert, counts, dtype):
+        """x (N, D), gates and experts (N, k) -> (N, D): the (token, choice) pairs sorted by expert into
+        contiguous runs of slots, each run through its expert as one grouped matmul, then each token's k
+        outputs weighted by its gates and summed (kernel.py's GatherRows and Combine)."""
+        order = expert.flatten().argsort(stable=True)   # slot -> pair
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))  # pair -> slot
+        offs = counts.cumsum(0, dtype=torch.int32)      # offs[e] = end of expert e's run of slots
         h = F.silu(grouped_mm(GatherRows.apply(x, order, inv, self.k), self.w1.to(dtype), offs))
-        out = self.dropout(grouped_mm(h, self.w2.to(dtype), offs))
-        return GatherRows.apply(out, inv, order, 1)      # back to pair order
+        return Combine.apply(self.dropout(grouped_mm(h, self.w2.to(dtype), offs)), gate, order, inv)
 
-    def experts_by_pair(self, x, expert, dtype):
+    def experts_by_pair(self, x, gate, expert, dtype):
         """Inference on fewer (token, choice) pairs than experts, as when decoding one token: run just the
         chosen experts' weights, pair by pair, instead of a grouped matmul over all of them."""
         rows = [F.silu(x[p // self.k, None] @ self.w1[e].to(dtype)) @ self.w2[e].to(dtype)
                 for p, e in enumerate(expert.flatten().tolist())]   # pair p = (token p // k, its choice)
-        return torch.cat(rows)
+        return (torch.cat(rows).view(-1, self.k, x.size(1)).to(gate.dtype) * gate.unsqueeze(-1)).sum(1)
 
 
 def max_violation(counts):
@@ -570,15 +582,18 @@ class DeepSeekLM(nn.Module):
 
     @torch.no_grad()
     def update_router_bias(self, ema=0.99):
-        """Once per optimizer step: b_i += rate * sign(mean load - load_i) from the token counts of all
-        ranks, then reset the counts. Returns per-layer MaxVio and load fractions of those counts."""
+        """Once per optimizer step, from the token counts of all ranks: each expert's bias moves against its
+        load, by rate * sign(mean load - load) ('sign') or by rate * (mean load - load) / mean load
+        ('proportional'), then the counts reset. Returns per-layer MaxVio and load fractions of those counts."""
         counts = self.expert_counts()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         counts = counts.float()
-        rate = self.config.balance_rate
-        for c, r in zip(counts, self.routers()):
-            r.expert_bias += rate * torch.sign(c.mean() - c)
+        mean = counts.mean(1, keepdim=True)
+        proportional = self.config.balance_update == 'proportional'
+        error = (mean - counts) / mean.clamp(min=1) if proportional else torch.sign(mean - counts)
+        for step, c, r in zip(self.config.balance_rate * error, counts, self.routers()):
+            r.expert_bias += step
             share = torch.where(c.sum() > 0, c / c.sum().clamp(min=1), r.expert_load)   # no tokens: kept as is
             r.expert_load.mul_(ema).add_((1 - ema) * share)
         self.reset_expert_counts()

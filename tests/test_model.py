@@ -552,6 +552,22 @@ def test_shared_expert_is_always_on_and_counted():
         assert card_params(b.config) == (b.num_params(), b.num_params(active=True))
 
 
+def test_one_expert_is_a_plain_feed_forward():
+    """n_expert=1, the dense baselines of docs/moe_vs_dense.md and bench.py: the layer is exactly
+    silu(x @ w1[0]) @ w2[0] with nothing routed (the router takes no gradient, its counters stay empty,
+    balancing reports 0), and a model of it trains."""
+    moe = make_moe(n_expert=1, n_expert_active=1)
+    x = torch.randn(2, 12, 64, requires_grad=True)
+    y = moe(x)
+    torch.testing.assert_close(y, F.silu(x @ moe.w1[0]) @ moe.w2[0], atol=ATOL, rtol=ATOL)
+    y.square().sum().backward()
+    assert moe.w1.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    assert moe.router.weight.grad is None and moe.router.expert_counts.sum() == 0
+    m = make_model(n_expert=1, n_expert_active=1).train()
+    m(tokens((2, 8), 1), tokens((2, 8), 2))[1].backward()
+    assert torch.equal(m.update_router_bias()['max_vio'], torch.zeros(2))
+
+
 def test_centred_routing_ignores_what_a_whole_sequence_shares():
     """With router_center (the default), adding the same vector to every token of a sequence changes no
     routing decision; without it, a large enough shift sends the whole sequence to the same experts."""
@@ -671,6 +687,21 @@ def test_update_router_bias_counts_maxvio_and_load():
         torch.testing.assert_close(b.moe.router.expert_bias - before[layer], rate * torch.sign(c[layer].mean() - c[layer]))
         mean = c[layer].mean()
         assert out['max_vio'][layer].item() == pytest.approx(((c[layer].max() - mean) / mean).item())
+
+
+def test_proportional_update_moves_each_bias_by_its_relative_load_error():
+    """balance_update='proportional': b_i += rate * (mean - load_i) / mean, so an expert 25% over its share
+    moves a quarter as far as the sign rule would move it, and one at the mean stays put."""
+    m = make_model(balance_rate=0.01, balance_update='proportional')
+    counts = torch.tensor([[8, 0, 4, 4], [5, 3, 4, 4]])   # means 4 and 4
+    for b, c in zip(m.blocks, counts):
+        b.moe.router.expert_counts.copy_(c)
+    before = [b.moe.router.expert_bias.clone() for b in m.blocks]
+    out = m.update_router_bias()
+    for b, was, step in zip(m.blocks, before, ([-1.0, 1.0, 0.0, 0.0], [-0.25, 0.25, 0.0, 0.0])):
+        torch.testing.assert_close(b.moe.router.expert_bias - was, 0.01 * torch.tensor(step))
+    torch.testing.assert_close(out['max_vio'], torch.tensor([1.0, 0.25]))
+    assert m.expert_counts().sum() == 0
 
 
 def test_balancing_buffers_are_state_not_parameters():
