@@ -15,9 +15,10 @@ from torch.utils.checkpoint import checkpoint
 def grouped_mm(a, b, offs):
     """(N, K) @ (G, K, M) -> (N, M) with rows split into G groups at offs (offs[g] = end of group g);
     or (K, N) @ (N, M) -> (G, K, M), the weight gradient. F.grouped_mm wherever it takes the dtype, else one
-    matmul per group (float64; MPS). Eager calls take the kernel and its autograd directly; torch.compile
-    gets it wrapped in an opaque op (below), since its own shape function for F.grouped_mm accepts only bf16."""
-    if has_grouped_mm_kernel(a) and not torch.compiler.is_compiling():
+    matmul per group (float64; MPS). Eager calls on real tensors take the kernel and its autograd directly;
+    torch.compile and the memory plan's fake tensors get it wrapped in an opaque op (below), since torch's
+    own shape function for F.grouped_mm accepts only bf16."""
+    if has_grouped_mm_kernel(a) and type(a) is Tensor and not torch.compiler.is_compiling():
         return F.grouped_mm(a, b, offs=offs)
     return grouped_mm_op(a, b, offs)
 

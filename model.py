@@ -8,8 +8,8 @@ A DeepSeek-style language model in one file.
     RMSNorm -> LM head
 
 Reading order: ModelConfig; RoPE and the two attention types; the MoE (Router, experts); Block; KVCache;
-DeepSeekLM (forward, balancing, optimizers, generation). How the matmuls and the loss run: kernel.py;
-Muon: optim.py. ModelConfig's defaults are the architecture card's model, 679.8M parameters.
+DeepSeekLM (forward, balancing, generation). How the matmuls and the loss run: kernel.py; the
+optimizers: optim.py. ModelConfig's defaults are the architecture card's model, 679.8M parameters.
 """
 
 import math
@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernel import RECOMPUTING, Combine, GatherRows, checkpointed, grouped_mm, linear_cross_entropy, matmul_dtype
-from optim import Muon
 
 
 @dataclass
@@ -70,21 +69,16 @@ class ModelConfig:
                               ('balance_update', ('sign', 'proportional'))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be '{choices[0]}' or '{choices[1]}', got {getattr(self, name)!r}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-        if self.n_expert_active > self.n_expert:
-            raise ValueError(f"n_expert_active ({self.n_expert_active}) must be <= n_expert ({self.n_expert})")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        # grouped matmuls need 16-byte aligned rows: 8 elements in bf16
-        for name in ('n_embd', 'expert_hidden'):
-            if getattr(self, name) % 8:
-                raise ValueError(f"{name} must be a multiple of 8 (grouped matmul alignment), got {getattr(self, name)}")
-        for name in ('expert_dropout', 'router_jitter', 'balance_rate', 'norm_eps'):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.rope_theta > 1:
-            raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
+        for bad, message in ((self.n_head % self.n_kv_head, f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})"),
+                             (self.n_expert_active > self.n_expert, f"n_expert_active ({self.n_expert_active}) must be <= n_expert ({self.n_expert})"),
+                             (self.head_dim % 2, f"head_dim must be even for RoPE, got {self.head_dim}"),
+                             (not self.rope_theta > 1, f"rope_theta must be > 1, got {self.rope_theta}"),
+                             *((getattr(self, name) % 8, f"{name} must be a multiple of 8 (grouped matmul alignment), got "
+                                f"{getattr(self, name)}") for name in ('n_embd', 'expert_hidden')),
+                             *((not 0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+                               for name in ('expert_dropout', 'router_jitter', 'balance_rate', 'norm_eps'))):
+            if bad:
+                raise ValueError(message)
         if self.attention == 'mla':
             self.kv_lora_rank = self.kv_lora_rank or 2 * self.head_dim
             self.qk_nope_head_dim = self.qk_nope_head_dim or self.head_dim
@@ -354,9 +348,7 @@ class MoE(nn.Module):
             y = self.experts_by_pair(x.to(dtype), gate, expert, dtype)
         else:
             y = self.experts_grouped(x.to(dtype), gate, expert, counts, dtype)
-        if self.shared is not None:
-            y = y + self.shared(x)
-        return y.view(B, T, D)
+        return (y if self.shared is None else y + self.shared(x)).view(B, T, D)
 
     def experts_grouped(self, x, gate, expert, counts, dtype):
         """x (N, D), gates and experts (N, k) -> (N, D): the (token, choice) pairs sorted by expert into
@@ -590,8 +582,7 @@ class DeepSeekLM(nn.Module):
             torch.distributed.all_reduce(counts)
         counts = counts.float()
         mean = counts.mean(1, keepdim=True)
-        proportional = self.config.balance_update == 'proportional'
-        error = (mean - counts) / mean.clamp(min=1) if proportional else torch.sign(mean - counts)
+        error = (mean - counts) / mean.clamp(min=1) if self.config.balance_update == 'proportional' else (mean - counts).sign()
         for step, c, r in zip(self.config.balance_rate * error, counts, self.routers()):
             r.expert_bias += step
             share = torch.where(c.sum() > 0, c / c.sum().clamp(min=1), r.expert_load)   # no tokens: kept as is
@@ -599,27 +590,6 @@ class DeepSeekLM(nn.Module):
         self.reset_expert_counts()
         # tensors, not Python numbers or lists: converting would wait for the GPU at every step
         return {'max_vio': max_violation(counts), 'load': counts / counts.sum(1, keepdim=True).clamp(min=1)}
-
-    # --- training ---------------------------------------------------------------------------------
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw'):
-        """A list of optimizers. 'adamw': AdamW for everything. 'muon': Muon for the weight matrices inside
-        the blocks (attention projections, experts), AdamW for the rest (embedding and tied head, router,
-        latent tokens, norms). Weight decay applies to matrices only: norms and the latent tokens (learned
-        vectors that play the part of keys, not maps) are left undecayed."""
-        matrices, decay, no_decay = [], [], []
-        for name, p in self.named_parameters():
-            if p.dim() < 2 or 'latent' in name:
-                no_decay.append(p)
-            elif optimizer == 'muon' and name.startswith('blocks.') and 'router' not in name:
-                matrices.append(p)
-            else:
-                decay.append(p)
-        groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
-        if optimizer == 'adamw':
-            return [adamw]
-        return [adamw, Muon(matrices, lr=learning_rate, weight_decay=weight_decay)]
 
     # --- generation -------------------------------------------------------------------------------
 

@@ -1,9 +1,29 @@
 """
 Muon, the optimizer for the blocks' weight matrices with --optimizer=muon (AdamW, from torch, takes the
-rest: DeepSeekLM.configure_optimizers makes the groups; train.py's loop takes the step).
+rest: configure_optimizers makes the groups; train.py's loop takes the step).
 """
 
 import torch
+
+
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, optimizer='adamw'):
+    """A list of optimizers for a DeepSeekLM. 'adamw': AdamW for everything. 'muon': Muon for the weight
+    matrices inside the blocks (attention projections, experts), AdamW for the rest (embedding and tied
+    head, router, latent tokens, norms). Weight decay applies to matrices only: norms and the latent tokens
+    (learned vectors that play the part of keys, not maps) are left undecayed."""
+    matrices, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or 'latent' in name:
+            no_decay.append(p)
+        elif optimizer == 'muon' and name.startswith('blocks.') and 'router' not in name:
+            matrices.append(p)
+        else:
+            decay.append(p)
+    groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
+    if optimizer == 'adamw':
+        return [adamw]
+    return [adamw, Muon(matrices, lr=learning_rate, weight_decay=weight_decay)]
 
 
 class Muon(torch.optim.Optimizer):

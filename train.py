@@ -36,6 +36,7 @@ import preflight
 import runlog
 from cli import UserError
 from model import DeepSeekLM, ModelConfig, max_violation
+from optim import configure_optimizers
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -140,8 +141,8 @@ def train(cfg, mconf, data, dev, processes, ckpt, recompute, memory_line, heartb
     elif distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.device] if dev.type == 'cuda' else None, broadcast_buffers=False)
-    optimizers = raw_model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
-                                                'fsdp' if cfg['fsdp'] else dev.type, cfg['optimizer'])
+    optimizers = configure_optimizers(raw_model, cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
+                                      'fsdp' if cfg['fsdp'] else dev.type, cfg['optimizer'])
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.dtype == torch.float16)   # fp16 gradients need a loss scale
     data_rng = np.random.default_rng(cfg['seed'])   # the same windows on every process: each takes its share
     iter_num, best_val_loss, run_id = resume_state(ckpt, raw_model, optimizers, scaler, data_rng, cfg, dev, rank, world)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import DeepSeekLM, ModelConfig, MoE, apply_rope, attend, rope_tables, sample_next_token
+from optim import configure_optimizers
 
 ATOL = 1e-5
 
@@ -1014,7 +1015,7 @@ def test_muon_matches_torch_muon_on_matrices_and_runs_each_expert_on_its_own():
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     m = make_model('latent', n_shared_expert=1)
-    adamw, muon = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer='muon')
+    adamw, muon = configure_optimizers(m, 0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer='muon')
     names = {id(p): n for n, p in m.named_parameters()}
     on_muon = {names[id(p)] for g in muon.param_groups for p in g['params']}
     assert on_muon == {n for n, p in m.named_parameters()
@@ -1024,7 +1025,7 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     assert on_adamw == set(names.values()) - on_muon and 'wte.weight' in on_adamw
     decayed = {names[id(p)] for p in adamw.param_groups[0]['params']}
     assert decayed == {'wte.weight', 'blocks.0.moe.router.weight', 'blocks.1.moe.router.weight'}
-    assert len(m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')) == 1
+    assert len(configure_optimizers(m, 0.1, 1e-3, (0.9, 0.95), 'cpu')) == 1
 
 
 # ----------------------------------------------------------------------------------------------
