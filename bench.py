@@ -581,13 +581,14 @@ def main(argv):
 
 
 def profile_step(args, device):
-    """torch.profiler's table of the ops that take the time of 5 eager train steps, by their own time."""
+    """torch.profiler's table of the ops that take the time of 5 eager train steps (2 with --quick), by their own time."""
     from torch.profiler import ProfilerActivity, profile
     step, _ = our_train_step(load_config('deepseek_mini.py', **args.mini), device, compiled=False)
-    for _ in range(3):
+    warmup, steps = (1, 2) if args.quick else (3, 5)
+    for _ in range(warmup):
         step()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])) as prof:
-        for _ in range(5):
+        for _ in range(steps):
             step()
     sort = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     print(prof.key_averages().table(sort_by=sort, row_limit=25))

@@ -1,16 +1,14 @@
 """
 Files that must survive a crash: checkpoints (written beside and renamed into place, checksummed, refused when
 damaged), other files written atomically, and the locks that keep two processes out of one folder. (The run's log,
-log.jsonl, is runlog.py's.)
+log.jsonl, is runlog.py's.) torch is imported where a function needs it: prepare.py, which uses only the files
+and folders part, starts without it.
 """
 
 import os
 import zlib
 
-import torch
-
 from cli import UserError, check_file
-from model import ModelConfig
 
 try:
     import fcntl   # POSIX: Linux and macOS
@@ -27,6 +25,7 @@ NAMES = {'last': 'ckpt.pt', 'best': 'ckpt_best.pt'}   # the files train.py write
 
 def save_checkpoint(ckpt, path):
     """torch.save ckpt (a dict) with the checksum of each part, written whole or not at all (write_atomic)."""
+    import torch
     ckpt = {**ckpt, 'format': CKPT_FORMAT, 'checksum': {k: checksum(v) for k, v in ckpt.items()}}
     try:
         write_atomic(path, lambda f: torch.save(ckpt, f))
@@ -40,6 +39,8 @@ def save_checkpoint(ckpt, path):
 def load_checkpoint(path, parts=('model',)):
     """The checkpoint dict and its ModelConfig. The given parts (and the small ones: config, tokenizer, iteration)
     must match their checksum; a file that is not one of ours, or damaged, is a UserError."""
+    import torch
+    from model import ModelConfig
     check_file(path, 'checkpoint')
     try:
         # mmap: tensors are read on demand, so the optimizer state (twice the model) never fills memory
@@ -67,6 +68,7 @@ def load_checkpoint(path, parts=('model',)):
 def checksum(obj, crc=0):
     """CRC-32 of every byte of obj, in order: tensors (their dtype, shape and raw bytes), nested dicts, lists,
     numbers and strings. Any changed, swapped or missing byte changes it."""
+    import torch
     if isinstance(obj, torch.Tensor):
         t = obj.detach().reshape(-1).contiguous().cpu()
         crc = zlib.crc32(f"{t.dtype}{tuple(obj.shape)}".encode(), crc)

@@ -15,8 +15,6 @@ import threading
 import time
 import traceback
 
-import torch
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
 LAST_OUTPUT = [0.0]   # when a script last wrote to stdout: a Heartbeat counts silence from then
 
@@ -325,11 +323,13 @@ def call_main(main, *args, going_on_without_stdout=None):
     except UserError as e:
         message = str(e)
     except (MemoryError, RuntimeError) as e:   # "can't allocate memory": the CPU allocator's own out-of-memory error
-        if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
-            where = ' on the device' if isinstance(e, torch.OutOfMemoryError) else ''
+        torch = sys.modules.get('torch')   # imported by the scripts that use it (prepare.py starts without it)
+        device_oom = torch is not None and isinstance(e, torch.OutOfMemoryError)
+        if isinstance(e, MemoryError) or device_oom or "can't allocate memory" in str(e):
+            where = ' on the device' if device_oom else ''
             message, quiet = (f"out of memory{where}: ask for less at once (a smaller --batch_size, --block_size or "
                               f"--num_samples) or a smaller model"), False
-        elif quiet and torch.distributed.is_available() and isinstance(e, torch.distributed.DistError):
+        elif quiet and torch is not None and torch.distributed.is_available() and isinstance(e, torch.distributed.DistError):
             message = "lost the other processes"   # the first one stopped and said why
         else:
             raise
@@ -343,7 +343,8 @@ def call_main(main, *args, going_on_without_stdout=None):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch = sys.modules.get('torch')
+        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if not quiet:
         print(f"error: {message}", file=sys.stderr)

@@ -478,7 +478,8 @@ class DeepSeekLM(nn.Module):
         # Activation checkpointing (train.py's --activation_checkpointing): a block saves only its input for
         # backward and runs its forward again there, trading a third more compute for most of the memory.
         self.activation_checkpointing = False
-        self.reset_parameters()
+        if not self.wte.weight.is_meta:   # sizes without values (from_state_dict, memory.py) need no draws
+            self.reset_parameters()
 
     @classmethod
     def from_state_dict(cls, config, state, device='cpu'):

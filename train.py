@@ -26,7 +26,6 @@ import warnings
 
 import numpy as np
 import torch
-from torch.distributed.fsdp import fully_shard
 
 import checkpoint
 import cli
@@ -219,6 +218,13 @@ def build_model(mconf, ckpt, dev, recompute=False):
     model.to(dev.device)
     dev.apply(model)
     return model
+
+
+def fully_shard(module, **kw):
+    """FSDP's sharding (torch.distributed.fsdp.fully_shard), imported on first use: the import takes a second, and
+    most runs never shard."""
+    from torch.distributed.fsdp import fully_shard as shard
+    return shard(module, **kw)
 
 
 def get_lr(it, cfg):

@@ -1,6 +1,7 @@
 # The architecture card's model family scaled for a 2-core CPU: same blocks (latent-token GQA with RoPE, 8 experts
 # top-2 with loss-free balancing, tied head), smaller everywhere, and its own 4,096-token BPE. Trained for a fixed
-# small compute budget: Muon for the blocks' matrices, a warmup-stable-decay schedule, no dropout.
+# small compute budget: Muon for the blocks' matrices, a warmup-stable-decay schedule, no dropout, thin experts
+# and a bias update proportional to each expert's load error (docs/speedrun.md, docs/balancing.md).
 #   python prepare.py config/deepseek_mini.py && python train.py config/deepseek_mini.py
 out_dir = 'out-mini'
 dataset = 'shakespeare'
@@ -14,20 +15,21 @@ head_dim = 32
 n_latent = 8
 n_expert = 8
 n_expert_active = 2
-expert_hidden = 256
+expert_hidden = 128
 expert_dropout = 0.0
 router_jitter = 0.0
 block_size = 128
 batch_size = 8
-max_iters = 2000
+max_iters = 2440
 eval_interval = 250
 eval_iters = 10
 log_interval = 50
 optimizer = 'muon'
-learning_rate = 4e-3
+learning_rate = 6e-3
 lr_schedule = 'wsd'
 cooldown_frac = 0.4
 min_lr = 0.0
 warmup_iters = 100
 weight_decay = 0.1
-balance_rate = 1e-3
+balance_rate = 3e-3
+balance_update = 'proportional'   # each bias moves by rate x its load's relative error (docs/balancing.md)
