@@ -381,8 +381,7 @@ class Block(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        attention = MultiHeadLatentAttention if cfg.attention == 'mla' else LatentTokenAttention
-        self.attn = attention(cfg, layer_idx)
+        self.attn = (MultiHeadLatentAttention if cfg.attention == 'mla' else LatentTokenAttention)(cfg, layer_idx)
         self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.moe = MoE(cfg, layer_idx)
 
