@@ -1,6 +1,6 @@
 """
-Muon, the optimizer for the blocks' weight matrices with --optimizer=muon (AdamW, from torch, takes the
-rest: configure_optimizers makes the groups; train.py's loop takes the step).
+The optimizers: configure_optimizers splits a model's parameters between AdamW (from torch) and Muon, the
+optimizer for the blocks' weight matrices with --optimizer=muon; train.py's loop takes the step.
 """
 
 import torch
