@@ -1,7 +1,5 @@
-"""
-The command line every script shares: config files and --key=value overrides, progress on the terminal, and
-one-line errors (UserError, call_main). No script imports another script, only the modules beside them.
-"""
+"""The command line every script shares: config files and --key=value overrides, progress on the terminal, and
+one-line errors (UserError, call_main). No script imports another script, only the modules beside them."""
 
 import ast
 import ctypes
@@ -23,9 +21,7 @@ class UserError(Exception):
     """A mistake the user can fix (bad input, missing data, a busy folder): one line, no traceback, exit 2."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line, the same for every script:
-#     python SCRIPT.py [config/FILE.py ...] [--key=value | --key value ...]
+# --- The command line of every script: python SCRIPT.py [config/FILE.py ...] [--key=value | --key value ...]
 # Config files (plain Python whose public names override the defaults) apply left to right, then the overrides,
 # wherever they stand (a malformed argument is refused before any config file is read). Values are Python
 # literals, or plain text for string keys, and must match the default's type. Bools take true/false/yes/no/1/0,
@@ -205,9 +201,8 @@ def check_ranges(cfg, rules):
 
 
 class Stdout:
-    """sys.stdout for work that does not depend on being watched (training, preparing data): when its reader
-    goes away (`| head`), its file fills the disk, or it was closed from the start (`>&-`), the work goes on
-    and stderr says so once, at the first line that cannot be written. Each write also feeds the Heartbeat."""
+    """sys.stdout for work that goes on unwatched (training, preparing data): when its reader goes away (`| head`),
+    its file fills the disk or it was closed (`>&-`), stderr says so once and the work goes on. Feeds the Heartbeat."""
 
     def __init__(self, stream, going_on):
         self.stream, self.going_on, self.lost = stream, going_on, False
@@ -247,9 +242,8 @@ class Stdout:
 
 
 class Progress:
-    """How far a long piece of work has come, so that slow never looks like hung: on a terminal one line
-    rewritten in place; in a file or pipe a plain line every `every` seconds. Work that ends within
-    `after` seconds prints nothing. Use: p = Progress('eval', total=20); p.update(i); p.close()."""
+    """How far a long piece of work has come, so that slow never looks like hung: on a terminal one line rewritten
+    in place, in a file or pipe a line every `every` seconds; nothing for work done within `after` seconds."""
 
     def __init__(self, what, total=None, unit='', after=2.0, every=10.0, stream=None):
         self.what, self.total, self.unit, self.after, self.every = what, total, unit, after, every
@@ -352,9 +346,8 @@ def call_main(main, *args, going_on_without_stdout=None):
 
 
 def keep_freed_memory():
-    """On Linux/glibc, keep freed memory in the process instead of handing it back to the OS. glibc maps
-    large blocks (all over 32 MB: a layer's activations at a large batch) fresh and unmaps them on free, so
-    each CPU step would page-fault through them again. A no-op elsewhere."""
+    """On Linux/glibc, keep freed memory in the process: glibc maps blocks over 32 MB (a layer's activations at a
+    large batch) fresh and unmaps them on free, so each CPU step would page-fault through them again."""
     try:
         libc = ctypes.CDLL('libc.so.6')
         libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD: serve blocks under 1 GiB from the heap
