@@ -1,11 +1,8 @@
-"""
-The guard rails of train.py: every check and reconciliation that runs before the first step. A run that
-cannot succeed is refused here, in one line that names the fix, before anything is written: settings out
-of range, a resume whose recipe or data do not match its checkpoint, an output folder that holds another
-run, a step that does not fit the device's memory or checkpoints that do not fit the disk. What passes
-is announced in a few start-up lines: the model, the data and how often the run reads it, the device,
-the memory, the expected time.
-"""
+"""The guard rails of train.py: every check and reconciliation that runs before the first step. A run that cannot
+succeed is refused here, in one line that names the fix, before anything is written: settings out of range, a
+resume whose recipe or data do not match its checkpoint, an output folder that holds another run, a step that does
+not fit the device's memory or checkpoints that do not fit the disk. What passes is announced in a few start-up
+lines: the model, the data and how often the run reads it, the device, the memory, the expected time."""
 
 import contextlib
 import dataclasses
@@ -39,14 +36,10 @@ RULES = {
     'log_interval': between(1, MANY), 'seed': between(0, 2**32 - 1, "in [0, 2**32)"),
     'warmup_iters': between(0, MANY), 'lr_decay_iters': between(0, MANY, f"in [0, {MANY}] (0 = max_iters)"),
     'ckpt_interval': between(0, MANY, f"in [0, {MANY}] (0 = at every evaluation)"),
-    'learning_rate': (lambda v: v > 0, "> 0"),
-    'min_lr': (lambda v: v >= 0, ">= 0"),
-    'weight_decay': (lambda v: v >= 0, ">= 0"),
-    'beta1': (lambda v: 0 <= v < 1, "in [0, 1)"),
-    'beta2': (lambda v: 0 <= v < 1, "in [0, 1)"),
-    'grad_clip': (lambda v: v >= 0, ">= 0 (0 = off)"),
-    'cooldown_frac': (lambda v: 0 < v <= 1, "in (0, 1]"),
-    'out_dir': (lambda v: v.strip() != '', "a folder"),
+    'learning_rate': (lambda v: v > 0, "> 0"), 'min_lr': (lambda v: v >= 0, ">= 0"),
+    'weight_decay': (lambda v: v >= 0, ">= 0"), 'beta1': (lambda v: 0 <= v < 1, "in [0, 1)"),
+    'beta2': (lambda v: 0 <= v < 1, "in [0, 1)"), 'grad_clip': (lambda v: v >= 0, ">= 0 (0 = off)"),
+    'cooldown_frac': (lambda v: 0 < v <= 1, "in (0, 1]"), 'out_dir': (lambda v: v.strip() != '', "a folder"),
     'init_from': (lambda v: v in ('scratch', 'resume'), "'scratch' or 'resume'"),
     'optimizer': (lambda v: v in ('adamw', 'muon'), "'adamw' or 'muon'"),
     'lr_schedule': (lambda v: v in ('cosine', 'wsd'), "'cosine' or 'wsd'"),
@@ -106,13 +99,11 @@ def agree(distributed, master, check):
         raise UserError(message[0])
 
 
-# -----------------------------------------------------------------------------
-# a resume: the checkpoint, and the recipe it goes on with
+# --- a resume: the checkpoint, and the recipe it goes on with ---
 
 def resume_point(cfg, origin, recipe_keys, world, master):
-    """(the checkpoint to resume or score, the settings with its recipe). A resume goes on with the recipe
-    the run started with: only --key overrides change it, and each change is printed old -> new. Tokens per
-    iteration stay the same under another number of processes (the accumulation or the batch follows)."""
+    """(the checkpoint to resume or score, the settings with its recipe). A resume keeps the run's recipe but for
+    --key overrides, each printed old -> new, and its tokens per iteration under another number of processes."""
     out = cfg['out_dir']
     if cfg['eval_only']:
         ckpt = checkpoint.load_checkpoint(checkpoint_file(out, cfg['eval_only']))[0]
@@ -128,8 +119,7 @@ def resume_point(cfg, origin, recipe_keys, world, master):
     if clash:
         raise UserError(f"{path} fixes the model; these settings differ from it: {', '.join(clash)}. Drop them, "
                         f"or train a new model into another --out_dir")
-    old = ckpt['config']
-    changed, kept = [], []
+    old, changed, kept = ckpt['config'], [], []
     for k in sorted(recipe_keys - RUN_KEYS):
         if origin.get(k) == '--' and k in old and cfg[k] != old[k]:
             changed.append(f"{k} {old[k]!r} -> {cfg[k]!r}")
@@ -152,9 +142,8 @@ def resume_point(cfg, origin, recipe_keys, world, master):
 
 
 def same_tokens_per_iter(cfg, origin, old_world, world):
-    """Under another number of processes, keep the tokens of an iteration (and so the schedule's meaning):
-    more accumulation where there are fewer processes, a smaller batch where there are more. Returns the
-    changes to print."""
+    """Under another number of processes, keep the tokens of an iteration (and so the schedule's meaning): more
+    accumulation where there are fewer processes, a smaller batch where there are more. Returns what to print."""
     if world == old_world:
         return []
     batch, accum = cfg['batch_size'], cfg['gradient_accumulation_steps']
@@ -173,8 +162,7 @@ def same_tokens_per_iter(cfg, origin, old_world, world):
 
 
 def check_run_id(ckpt, log_path, path):
-    """The log and the checkpoint of one folder must come from one run (a checkpoint copied in from
-    another run would mix two runs in one log)."""
+    """One folder's log and checkpoint must be one run's (a checkpoint copied in would mix two runs in one log)."""
     if not os.path.exists(log_path):
         return
     ids = {r.get('run_id') for r in runlog.read_records(log_path) if r.get('kind') == 'start'}
@@ -184,9 +172,8 @@ def check_run_id(ckpt, log_path, path):
 
 
 def checkpoint_file(out_dir, which):
-    """The checkpoint that which ('best', 'last' or a path) names for the run in out_dir: a regular file, or
-    a UserError that says what is there instead (a folder, a pipe) or how to make it. train.py's --eval_only
-    and sample.py's --ckpt take the same names."""
+    """The checkpoint that which ('best', 'last' or a path, as --eval_only and --ckpt take) names for the run in
+    out_dir: a regular file, or a UserError saying what is there instead (a folder, a pipe) or how to make it."""
     names = checkpoint.NAMES
     path = os.path.join(out_dir, names[which]) if which in names else which
     if which == 'best' and not os.path.lexists(path) and os.path.lexists(os.path.join(out_dir, names['last'])):
@@ -204,8 +191,7 @@ def checkpoint_file(out_dir, which):
 
 
 def train_command(out_dir):
-    """The command that trains into out_dir from here: train.py with the repo's config file that names that
-    folder, where there is one, else with --out_dir."""
+    """The command that trains into out_dir from here: with the repo config naming that folder, else --out_dir."""
     configs = os.path.join(cli.ROOT, 'config')
     for name in sorted(n for n in os.listdir(configs) if n.endswith('.py')):
         try:
@@ -218,8 +204,7 @@ def train_command(out_dir):
     return cli.repo_command('train.py', [f'--out_dir={out_dir}'])
 
 
-# -----------------------------------------------------------------------------
-# data
+# --- data ---
 
 @dataclasses.dataclass
 class Data:
@@ -237,10 +222,8 @@ def open_data(cfg, argv, ckpt, locks, defaults):
     ddir = ds.data_dir_of(cfg)
     if os.path.realpath(ddir) == os.path.realpath(cfg['out_dir']):
         raise UserError(f"out_dir and data_dir are the same folder ({ddir}): train into another --out_dir")
-    if os.path.isdir(ddir):
-        lock = checkpoint.lock_folder(ddir, 'training run', shared=True)
-        if lock:
-            locks.enter_context(contextlib.closing(lock))
+    if os.path.isdir(ddir):   # None: a folder this process cannot write, which nobody prepares into from here
+        locks.enter_context(checkpoint.lock_folder(ddir, 'training run', shared=True) or contextlib.nullcontext())
     if ckpt is None:   # how to make this data: the config files and data overrides given
         given = cli.split_argv(argv, defaults)
         cmd = ds.prepare_command(ddir, [path or f'--{key}={raw}' for key, raw, path in given
@@ -283,8 +266,7 @@ def check_data(data, mconf):
         cli.check_file(path, 'token file')   # its size is read_meta's to check; its ids, get_batch's
 
 
-# -----------------------------------------------------------------------------
-# memory, disk and the output folder
+# --- memory, disk and the output folder ---
 
 def plan_memory(cfg, mconf, dev, world):
     """Whether to use activation checkpointing, and the start-up line that says what a step needs. A step
@@ -323,8 +305,7 @@ def claim_out_dir(cfg, locks):
                             f"--overwrite=true, or train into another --out_dir")
 
 
-# -----------------------------------------------------------------------------
-# what the run will do, said before it starts
+# --- what the run will do, said before it starts ---
 
 PASSES_THAT_STILL_TEACH = 4   # repeating data beyond about 4 passes helps less and less (Muennighoff et al. 2023)
 
