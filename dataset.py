@@ -1,8 +1,5 @@
-"""
-The dataset format and its tokenizer: what prepare.py writes into data/<dataset>/ (train.bin, val.bin,
-meta.json and the tokenizer's ranks), read back and checked for train.py, and carried in checkpoints
-for sample.py.
-"""
+"""The dataset format and its tokenizer: what prepare.py writes into data/<dataset>/ (train.bin, val.bin, meta.json
+and the tokenizer's ranks), read back and checked for train.py, and carried in checkpoints for sample.py."""
 
 import base64
 import concurrent.futures
@@ -103,11 +100,10 @@ def same_tokenizer(entry, spec):
 
 
 def read_meta(data_dir, command=None):
-    """data_dir/meta.json, checked: every field of the right type, and .bin files of the promised sizes.
-    A dataset whose meta.json is missing, old or inconsistent is a UserError that says how to redo it
-    (with command, the prepare command, where the caller knows it). What a reader may then rely on without
-    reading the .bin files: each holds exactly {split}_tokens ids of dtype, every id below n_vocab (prepare.py
-    checked each one as it wrote it), each document starting with eot_id; a file damaged since is not seen."""
+    """data_dir/meta.json, checked: every field of the right type, .bin files of the promised sizes; one missing, old
+    or inconsistent is a UserError that says how to redo it (command: the prepare command, where the caller knows
+    it). A reader may then rely, without reading the .bin files, on each holding exactly {split}_tokens ids of dtype,
+    all below n_vocab (prepare.py checked them), each document opening with eot_id; damage since is not seen."""
     redo = f"run `{command or prepare_command(data_dir)}`"
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.lexists(path):
@@ -187,9 +183,8 @@ def load_tokenizer(spec):
 
 
 def text_bytes(enc, n):
-    """The bytes that each token id 0..n-1 adds to the text. Special tokens (<|endoftext|>) add none, nor do
-    ids the tokenizer lacks: past its end (the model's vocabulary is padded) or in a gap of its numbering
-    (cl100k_base and o200k_base leave some ids unused)."""
+    """The bytes each token id 0..n-1 adds to the text: none for special tokens (<|endoftext|>) and ids the tokenizer
+    lacks (past its end, as the model's vocabulary is padded, or in gaps: cl100k_base and o200k_base have some)."""
     special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
     out = [b''] * n
     for i in range(n):
@@ -229,8 +224,7 @@ def cannot_write(error, path, then):
     return UserError(f"cannot write {error.filename or path} ({error.strerror or error}): {fix}{then}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing a dataset (for prepare.py). The new one is written in full into a folder of its own, then put in
+# --- Writing a dataset (for prepare.py). The new one is written in full into a folder of its own, then put in
 # data_dir's place in one step: at every moment data_dir holds the whole old dataset or the whole new one,
 # so a crash, Ctrl-C or a full disk midway leaves the old one as it was.
 
@@ -239,11 +233,10 @@ def write(data_dir, meta, splits, enc, ranks=None):
     (new_doc, text) pieces, about their size in MB or None)} tokenized by enc into train.bin and val.bin, the
     BPE's ranks text, and meta.json: meta with the vocabulary and the counts added, which it returns."""
     replace = os.path.lexists(os.path.join(data_dir, 'meta.json'))
-    new = staging_folder(data_dir, replace)
+    new = writing = staging_folder(data_dir, replace)
     kept = f"the dataset in {data_dir} is unchanged" if replace else "no dataset was written"
     dtype = 'uint16' if enc.n_vocab <= 2**16 else 'uint32'
     meta = dict(meta, n_vocab=enc.n_vocab, dtype=dtype, eot_id=enc.encode_single_token(EOT))
-    writing = new
     try:
         os.makedirs(new)
         for split, (pieces, size_mb) in splits.items():
