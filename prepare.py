@@ -1,5 +1,4 @@
-"""
-Prepare a dataset for train.py: text -> tokenizer -> train.bin, val.bin, meta.json in data/<dataset>/.
+"""Prepare a dataset for train.py: text -> tokenizer -> train.bin, val.bin, meta.json in data/<dataset>/.
 
     python prepare.py                              # TinyStories: ~2.2 GB download (resumable), our own 49,152-token BPE
     python prepare.py config/deepseek_mini.py      # the quickstart's data (a config's data keys; the rest is skipped)
@@ -9,12 +8,11 @@ Prepare a dataset for train.py: text -> tokenizer -> train.bin, val.bin, meta.js
     python prepare.py --dataset=mybook --url=https://example.com/book.txt [--sha256=HEX]
     python prepare.py --dataset=notes --input=notes/,extra.md
 
-TinyStories comes from $HF_ENDPOINT (unset: https://huggingface.co), as in Hugging Face's tools: a mirror can
-stand in. Every document starts with <|endoftext|>. Splits are whole documents (plays, files, stories), or one
-file cut at 90%: no validation text reaches the tokenizer or train.bin. meta.json records each file's sha256
-and size, and the text tokenized is exactly that (a file that changes meanwhile is refused). A dataset is
-written beside the old one and swapped in whole; one of other text is replaced only with --force.
-"""
+TinyStories comes from $HF_ENDPOINT (unset: https://huggingface.co), as in Hugging Face's tools: a mirror can stand
+in. Every document starts with <|endoftext|>. Splits are whole documents (plays, files, stories), or one file cut at
+90%: no validation text reaches the tokenizer or train.bin. meta.json records each file's sha256 and size, and
+exactly that text is tokenized (a file that changes meanwhile is refused). A dataset is written beside the old one
+and swapped in whole; one of other text is replaced only with --force."""
 
 import codecs
 import contextlib
@@ -133,8 +131,7 @@ def check_config(cfg):
         'max_download_gb': (lambda v: 0 < v <= 1e6, "more than 0 and at most 1e6")})
 
 
-# ----------------------------------------------------------------------------------------------
-# Sources: dicts of description, sha256 (of all the text), files, val_names, and functions returning (new_doc, text)
+# --- Sources: dicts of description, sha256 (of all the text), files, val_names, and functions returning (new_doc, text)
 # pieces (new_doc True for a document's first): train and val, tokenized in that order, and the BPE's sample.
 
 def get_source(cfg, data_dir, downloads):
@@ -234,10 +231,9 @@ def input_files(spec):
 
 
 def file_pieces(path, start=0, end=None, max_docs=0, sha=None):
-    """(new_doc, text) pieces of the first max_docs (0: all) documents in bytes [start, end) of a UTF-8 file,
-    read in blocks. Documents are separated by <|endoftext|> (TinyStories' format), stripped of surrounding
-    whitespace, and skipped when empty; a long one comes in pieces of about PIECE_CHARS. sha (a hashlib
-    object) takes every byte read, up to `end` even past max_docs."""
+    """(new_doc, text) pieces of the first max_docs (0: all) documents in bytes [start, end) of a UTF-8 file, read in
+    blocks. Documents are split at <|endoftext|> (TinyStories' format), stripped, skipped when empty, and a long one
+    comes in pieces of about PIECE_CHARS. sha (a hashlib object) takes every byte up to `end`, even past max_docs."""
     # checked on arrival; should the file change since, a bad byte becomes U+FFFD (and sha shows the change)
     decoder = codecs.getincrementaldecoder('utf-8-sig' if start == 0 else 'utf-8')(errors='replace')
     started, docs, text = False, 0, ''   # text: of the document under way, not yet handed out
@@ -292,8 +288,7 @@ def checked_sha256(path):
     return sha.hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
+# --- Tokenizer ---
 
 def make_tokenizer(cfg, source):
     """(tiktoken encoding, its meta.json entry, the ranks file's text or None)."""
@@ -320,21 +315,17 @@ def train_bpe(pieces, vocab_size):
         raise UserError("the train split is empty: nothing to train the tokenizer on (give more text)")
     # rustbpe reports nothing while it works, however long a big text takes: say what it does, and that it still does
     print(f"training a {vocab_size:,}-token BPE on {seen / 1e6:,.1f}M characters of text ...", flush=True)
-    heartbeat = cli.Heartbeat()
-    heartbeat.beat('training the BPE')
-    try:
+    with contextlib.closing(cli.Heartbeat()) as heartbeat:
+        heartbeat.beat('training the BPE')
         tok = rustbpe.Tokenizer()
         tok.train_from_iterator(iter(texts), vocab_size - 1, pattern=GPT4_PATTERN)
-    finally:
-        heartbeat.close()
     ranks = dict(tok.get_mergeable_ranks())
     assert sorted(ranks.values()) == list(range(len(ranks))), "EOT's id, len(ranks), must come after every rank"
     print(f"  done in {time.time() - t0:.1f}s: {len(ranks) + 1:,} tokens")
     return ranks
 
 
-# ----------------------------------------------------------------------------------------------
-# Downloads
+# --- Downloads ---
 
 def downloads_of(cfg, data_dir):
     """[(file name, path in data_dir/raw/, url, sha256 or '')] of the files a dataset downloads (none: local text)."""
