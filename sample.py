@@ -1,25 +1,21 @@
-"""
-Sample from a trained model.
+"""Sample from a trained model.
 
     python sample.py --num_samples 5                          # out-deepseek/ckpt_best.pt, each sample a new document
     python sample.py config/deepseek_mini.py --start="ROMEO:"  # the out_dir of a training config
     python sample.py --out_dir=out-mini --ckpt=last --temperature=0 --max_new_tokens=100
     python sample.py --start=FILE:prompts.txt > samples.txt   # one sample per line of the file
 
-Everything comes from the checkpoint, the tokenizer included, so this runs where prepare.py never ran.
-The default checkpoint is the run's best (lowest val loss), which is its last unless the run overfit.
-Each sample is printed as it is generated, under a `--- sample N ---` line; stdout holds only the
-samples (redirect it to a file), while progress and the tokens/s figure go to stderr.
+Everything comes from the checkpoint, the tokenizer included, so this runs where prepare.py never ran. The default
+checkpoint is the run's best (lowest val loss): its last unless the run overfit. Each sample is printed as it comes,
+under a `--- sample N ---` line; stdout holds only the samples, progress and the tokens/s figure go to stderr.
 
-Copy check: when the checkpoint's training data is here (the data folder it was trained on, unchanged), each
-sample's longest span shared with the training text is reported on stderr, its prompt left out: a model
-that recites its training data shows it there. --copy_check=false turns it off.
+Copy check: when the checkpoint's training data is here (the data folder it was trained on, unchanged), each sample's
+longest span shared with the training text, its prompt left out, is reported on stderr: a model that recites its
+training data shows it there. --copy_check=false turns it off.
 
-Prompts: text is encoded as is, except that the literal text <|endoftext|> becomes that token. The
-default start is <|endoftext|> alone, the token every training document begins with, so each sample
-is a new document. A sample is its prompt followed by the completion, <|endoftext|> tokens left
-out; it ends at the first <|endoftext|> the model emits.
-"""
+Prompts: text is encoded as is, the literal text <|endoftext|> as that token. The default start is <|endoftext|>
+alone, which every training document begins with, so each sample is a new document. A sample is its prompt and
+completion, <|endoftext|> tokens left out; it ends at the first <|endoftext|> the model emits."""
 
 import codecs
 import os
@@ -118,8 +114,7 @@ def main(argv):
                                              top_p=cfg['top_p'], use_cache=cfg['use_cache']):
                 yield int(nxt[0])
 
-    for _ in tokens(ids[0], 2):   # warm-up, so tokens/s measures generation, not one-time setup
-        pass
+    list(tokens(ids[0], 2))   # warm-up, so tokens/s measures generation, not one-time setup
     token_text = dataset.text_bytes(enc, mconf.vocab_size)
     torch.manual_seed(cfg['seed'])
     dev.sync()
@@ -152,16 +147,11 @@ def report_copies(completions, data, tokenizer_spec):
     t0 = time.time()
     try:
         corpus, n_docs = copycheck.training_text(data, tokenizer_spec)
-    except UserError as e:
-        print(f"copy check skipped: {e}", file=sys.stderr)
-        return None
-    except OSError as e:   # unreadable (permissions, a disk error): the samples are out, so only say so
-        print(f"copy check skipped: cannot read {e.filename or 'the training data'} ({e.strerror or e})",
-              file=sys.stderr)
-        return None
-    except MemoryError:
-        print("copy check skipped: out of memory reading the training text (--copy_check=false turns it off)",
-              file=sys.stderr)
+    except (UserError, OSError, MemoryError) as e:   # OSError: unreadable; the samples are out, so only say so
+        why = (f"cannot read {e.filename or 'the training data'} ({e.strerror or e})" if isinstance(e, OSError) else
+               "out of memory reading the training text (--copy_check=false turns it off)"
+               if isinstance(e, MemoryError) else e)
+        print(f"copy check skipped: {why}", file=sys.stderr)
         return None
     found = copycheck.longest_shared(completions, corpus)
     for i, (n, span) in enumerate(found):
@@ -181,11 +171,9 @@ def characters(n):
 
 def quoted(text, limit=80):
     """text in double quotes, escaped (newlines, quotes, anything unprintable) and cut after limit characters."""
-    def esc(c):
-        if c in '"\\':
-            return '\\' + c
-        return c if c.isprintable() else c.encode('unicode_escape').decode('ascii')
-    return '"' + ''.join(map(esc, text[:limit])) + '"' + ('...' if len(text) > limit else '')
+    body = ''.join('\\' + c if c in '"\\' else c if c.isprintable() else c.encode('unicode_escape').decode('ascii')
+                   for c in text[:limit])
+    return f'"{body}"' + ('...' if len(text) > limit else '')
 
 
 def size_text(n):
