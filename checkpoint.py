@@ -1,9 +1,7 @@
-"""
-Files that must survive a crash: checkpoints (written beside and renamed into place, checksummed, refused when
+"""Files that must survive a crash: checkpoints (written beside and renamed into place, checksummed, refused when
 damaged), other files written atomically, and the locks that keep two processes out of one folder. (The run's log,
-log.jsonl, is runlog.py's.) torch is imported where a function needs it: prepare.py, which uses only the files
-and folders part, starts without it.
-"""
+log.jsonl, is runlog.py's.) torch is imported where a function needs it: prepare.py, which uses only the files and
+folders part, starts without it."""
 
 import os
 import zlib
@@ -16,8 +14,7 @@ except ImportError:   # Windows: folders are not locked
     fcntl = None
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
+# --- Checkpoints ---
 
 CKPT_FORMAT = 'deepseek-nano/3'
 NAMES = {'last': 'ckpt.pt', 'best': 'ckpt_best.pt'}   # the files train.py writes, as --ckpt and --eval_only name them
@@ -84,8 +81,7 @@ def checksum(obj, crc=0):
     return zlib.crc32(repr(obj).encode(), crc)
 
 
-# ----------------------------------------------------------------------------------------------
-# Folders
+# --- Folders ---
 
 def lock_folder(path, what, shared=False):
     """Hold a lock on path/.lock for the life of the process; returns the open lock file. Exclusive (a writer:
@@ -143,8 +139,7 @@ def write_atomic(path, write):
         remove(tmp)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model and optimizer state as one ordinary file, from one process or from FSDP's shards: tensors keyed
+# --- Model and optimizer state as one ordinary file, from one process or from FSDP's shards: tensors keyed
 # by parameter name, so that a run sharded over N processes resumes in one, and the other way round.
 
 def full_state(model, optimizers, sharded):

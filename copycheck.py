@@ -1,14 +1,11 @@
-"""
-Copy check: has the model learnt its training text by heart? For each sample, the longest span of characters it
-shares with the training text (the train split of the data the checkpoint was trained on). sample.py reports it when
-that data is at hand.
+"""Copy check: has the model learnt its training text by heart? For each sample, the longest span of characters it
+shares with the training text (the checkpoint's train split), which sample.py reports when that data is here.
 
 How: polynomial hashes (mod 2**64) of windows of the texts, which numpy computes for every position at once. One pass
 over the training text finds where any sample's windows of 12 characters occur; from those places each sample's
 longest shared span is found by doubling its length, then halving the gap, every step looking only at the places that
 still match. A sample that shares fewer than 12 characters takes a pass for 6, then 3, then 1. Every match is
-confirmed by comparing the characters: a hash collision can cost time, never give a wrong answer.
-"""
+confirmed by comparing the characters: a hash collision can cost time, never give a wrong answer."""
 
 import contextlib
 import os
@@ -127,9 +124,8 @@ def extend(big, text, places, L, start, hi):
 
 
 def matches(big, text, places, L):
-    """(matched, start): those of places whose window of length L in the training text hashes like one of
-    text's, and the start in text of a window equal to one of them character for character (None if none is:
-    equal hashes were all collisions)."""
+    """(matched, start): those of places whose window of length L in the training text hashes like one of text's, and
+    the start in text of a window equal to one of them character for character (None: all hash collisions)."""
     places = places[places + L <= big.n]
     h = big.at(places, L)
     own = text.all(L)
@@ -148,8 +144,7 @@ def matches(big, text, places, L):
     return matched, None
 
 
-# ----------------------------------------------------------------------------------------------
-# The training text of a checkpoint
+# --- The training text of a checkpoint ---
 
 def training_text(data, tokenizer_spec):
     """(code points of the training text, number of documents) of a checkpoint, from ck['data'] and ck['tokenizer']:

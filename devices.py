@@ -1,9 +1,7 @@
-"""
-The device plan: where a run goes and how it runs there, decided once from the device (compute capability, memory,
-name) and from what this torch does on it: the dtype, the attention's SDPA kernel, the experts' grouped matmul,
-compile, FSDP's precision and the peak FLOP/s. train.py, sample.py and bench.py take their device decisions from
-here. What each GPU gets, and what in torch each choice rests on: docs/full-size.md.
-"""
+"""The device plan: where a run goes and how it runs there, decided once from the device (compute capability,
+memory, name) and from what this torch does on it: the dtype, the attention's SDPA kernel, the experts' grouped
+matmul, compile, FSDP's precision and the peak FLOP/s. train.py, sample.py and bench.py take their device decisions
+from here. What each GPU gets, and what in torch each choice rests on: docs/full-size.md."""
 
 import os
 import time
@@ -155,8 +153,7 @@ def plan(device='auto', dtype='auto', compile=None, local_rank=None):
 
 def cuda_plan(index, dtype, compile):
     """The plan for GPU number index. The process takes that GPU as its own before asking anything of it, and every
-    question names it, so no process opens a context on another's GPU (torch asks the current device wherever it is
-    not told one)."""
+    question names it, so no process opens a context on another's GPU (torch asks the current device if not told)."""
     if not torch.cuda.is_available():
         raise UserError("device=cuda but CUDA is not available: use --device=cpu")
     count = torch.cuda.device_count()   # from the driver: opens no GPU

@@ -1,17 +1,15 @@
-"""
-The memory a training step needs, and which settings fit a device: preflight.py asks it before train.py's first step
-(it turns activation checkpointing on where a step would not fit without it, and refuses a run that cannot fit at
-all, naming settings that would); bench.py's memory row prints it for common GPUs. A step holds:
-    state      weights, gradients and AdamW's two moments: 16 bytes per parameter (fp32), divided among the
-               processes under FSDP, which also holds two blocks' gathered weights (the one running and the next)
-               and one block's unsharded gradient at a time
-    saved      what the forward pass leaves for backward, counted, not guessed: one and two blocks at the model's
-               real widths run forward on 16 and 32 tokens as the device plan runs them (its autocast dtype, its
-               attention's key/value heads), with saved_tensors_hooks adding up what autograd keeps: bytes per block
-               and per token, and the head's share, scaled to the batch. Checkpointed, a block keeps only its input.
+"""The memory a training step needs, and which settings fit a device: preflight.py asks it before train.py's first
+step (it turns activation checkpointing on where a step would not fit without it, and refuses a run that cannot fit
+at all, naming settings that would); bench.py's memory row prints it for common GPUs. A step holds:
+    state      weights, gradients and AdamW's two moments: 16 bytes per parameter (fp32), divided among the processes
+               under FSDP, which also holds two blocks' gathered weights (the one running and the next) and one
+               block's unsharded gradient at a time
+    saved      what forward leaves for backward, counted, not guessed: one and two blocks at the model's real widths
+               run forward on 16 and 32 tokens as the device plan runs them (autocast dtype, key/value heads), and
+               saved_tensors_hooks add up what autograd keeps: per block, per token and the head's share, scaled to
+               the batch. Checkpointed, a block keeps only its input.
     transient  what backward allocates beside them: about one block's saved tensors again, twice that with
-               checkpointing (the block whose forward runs again, and its backward)
-"""
+               checkpointing (the block whose forward runs again, and its backward)"""
 
 import functools
 from contextlib import nullcontext

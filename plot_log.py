@@ -1,11 +1,9 @@
-"""
-Draw a training run from its log.jsonl: loss, expert-load balance (MaxVio) and each layer's expert load.
+"""Draw a training run from its log.jsonl: loss, expert-load balance (MaxVio) and each layer's expert load.
 
     python plot_log.py config/deepseek_mini.py               # out-mini/log.jsonl -> out-mini/run.png
     python plot_log.py --out_dir=out-mini --png=mini.png --title="mini, 2,000 steps"
 
-matplotlib is optional (pip install matplotlib); nothing else in the repo needs it.
-"""
+matplotlib is optional (pip install matplotlib); nothing else in the repo needs it."""
 
 import json
 import os
@@ -97,9 +95,8 @@ def number(v):
 
 
 def load_over_training(evals, key):
-    """The evaluations' iterations, and for each layer a matrix [expert][evaluation] of its share of the
-    tokens, scaled so that 1.0 is an even share (evaluations without a layers x experts table of numbers
-    under that key, or of another shape than the first one, are left out)."""
+    """The evaluations' iterations, and per layer a matrix [expert][evaluation] of its token share, 1.0 an even share
+    (evaluations without a layers x experts table of numbers under key, or shaped unlike the first, are left out)."""
     def shape(load):
         ok = isinstance(load, list) and load and all(isinstance(row, list) and row and all(map(number, row))
                                                      for row in load)

@@ -1,7 +1,5 @@
-"""
-The run's log: the lines a training run prints (evaluations, steps, the result) and the records it keeps
-in out_dir/log.jsonl, one JSON object per line, each iteration once, which plot_log.py draws.
-"""
+"""The run's log: the lines a training run prints (evaluations, steps, the result) and the records it keeps in
+out_dir/log.jsonl, one JSON object per line, each iteration once, which plot_log.py draws."""
 
 import json
 import math
@@ -40,10 +38,9 @@ class Clock:
 
 
 class Log:
-    """Console lines and log.jsonl records, from the first process only. A resumed run appends to the log;
-    the records a stopped run wrote past the checkpoint it resumes (and a finished run's result) are cut
-    away only once the resumed run has written a checkpoint of its own, so a resume that fails or is
-    interrupted before then loses nothing."""
+    """Console lines and log.jsonl records, from the first process only. A resumed run appends to the log; the
+    records a stopped run wrote past the checkpoint resumed (and a finished run's result) are cut only once the
+    resumed run has written a checkpoint, so a resume that fails before then loses nothing."""
 
     def __init__(self, cfg, dev, master, distributed, world, block_size, start, run_id):
         self.cfg, self.dev, self.master, self.distributed, self.world = cfg, dev, master, distributed, world
@@ -169,8 +166,7 @@ def read_records(path):
 
 
 def end_last_line(path):
-    """Make sure a file of lines ends with a newline, so that what is appended next starts a line of its
-    own (a process killed while writing leaves a line cut short)."""
+    """End a file of lines with a newline, so that what is appended next starts its own line (after a killed writer)."""
     if os.path.exists(path) and os.path.getsize(path):
         with open(path, 'rb+') as f:
             f.seek(-1, os.SEEK_END)
