@@ -1,5 +1,4 @@
-"""
-How close each part of the model runs to what this machine can do.
+"""How close each part of the model runs to what this machine can do.
 
     python bench.py                # the table, on the device --device picks (auto: cuda > mps > cpu)
     python bench.py --json         # the same, plus one JSON object on the last line
@@ -21,7 +20,8 @@ holds on a shared, noisy machine where absolute times would not. Rows (JSON keys
                            same useful FLOPs on N*k tokens                                     [>= 0.90]
     moe_step_vs_dense      the eager train step of config/deepseek_mini.py with one dense feed-forward as
                            wide as a token's k experts (the same FLOPs, no routing) over the MoE's; _card:
-                           the same at the card's widths, 2 layers                             [>= 0.91]
+                           the same at the card's widths, 2 layers; _muon: both trained with the config's
+                           Muon, whose cost grows with all the experts' weights                [>= 0.91]
     latent_attn_vs_causal  the card's latent-token attention layer at T=1024 over the same layer with
                            no latents and plain causal SDPA                                    [>= 0.95]
     cache_speedup          model.generate of 512 tokens with the KV cache over full forwards   [>= 10]
@@ -38,8 +38,7 @@ holds on a shared, noisy machine where absolute times would not. Rows (JSON keys
     memory                 (counted, not timed) a config/deepseek.py step's memory (memory.py): weights,
                            gradients and AdamW state, the tensors saved for backward (bf16) with and
                            without activation checkpointing, and the largest batch per common GPU
-Keys ending in _eager are the same pairs without torch.compile.
-"""
+Keys ending in _eager are the same pairs without torch.compile."""
 
 import dataclasses
 import json
@@ -56,6 +55,7 @@ import cli
 import devices
 import memory
 from model import DeepSeekLM, LatentTokenAttention, ModelConfig, MoE, apply_rope, attend, rope_tables
+from optim import configure_optimizers
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL_KEYS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -65,8 +65,7 @@ GOALS = {'train_vs_mm': 0.70, 'step_vs_gemm_floor': 0.80, 'moe_vs_dense': 0.90, 
          'vs_transformers': 1.3, 'vs_deepseek_v3': 1.3}
 
 
-# ----------------------------------------------------------------------------------------------
-# timing
+# --- timing ---
 
 def sync(device):
     if device.type == 'cuda':
@@ -89,8 +88,7 @@ def timeit_pair(fa, fb, device, repeats, warmup=2):
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-# ----------------------------------------------------------------------------------------------
-# setup shared by the rows
+# --- setup shared by the rows ---
 
 def load_config(name, **overrides):
     """The model keys and batch_size of config/<name> over ModelConfig's defaults, overrides on top."""
@@ -128,18 +126,19 @@ def fwd_bwd(f, ctx, tensors):
     return run
 
 
-def train_step(model, loss_of, device, after=lambda: None):
+def train_step(model, loss_of, device, after=lambda: None, optimizer='adamw'):
     """One training step as train.py's loop takes it, on a fixed batch: loss_of(model) (the forward, under
-    autocast), backward, grad clip, fused AdamW over all parameters, zero_grad, then after() (our model's
-    router-bias update)."""
+    autocast), backward, grad clip, the optimizers' step (optim.py: fused AdamW over all parameters, or with
+    'muon' Muon for the blocks' matrices), zero_grad, then after() (our model's router-bias update)."""
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type in ('cuda', 'cpu'))
+    opts = configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device.type, optimizer)
 
     def step():
         loss_of(model).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         after()
     return step
 
@@ -153,12 +152,12 @@ def compile_blocks(model):
 _steps = {}
 
 
-def our_train_step(cfg, device, compiled):
+def our_train_step(cfg, device, compiled, optimizer='adamw'):
     """(step function, model FLOPs per step) of DeepSeekLM at cfg, trained as train.py trains it (AdamW,
-    train.py's default) on a fixed batch. Memoised: several rows time the same compiled model and
-    compilation is the slow part."""
+    train.py's default, or optimizer) on a fixed batch. Memoised: several rows time the same compiled model
+    and compilation is the slow part."""
     mconf = model_config(cfg)
-    key = (repr(mconf), cfg['batch_size'], compiled)
+    key = (repr(mconf), cfg['batch_size'], compiled, optimizer)
     if key not in _steps:
         torch.manual_seed(0)
         model = DeepSeekLM(mconf).to(device).train()
@@ -172,7 +171,8 @@ def our_train_step(cfg, device, compiled):
         def loss_of(m):
             with ctx:
                 return m(x[:, :-1], x[:, 1:])[1]
-        _steps[key] = (train_step(model, loss_of, device, model.update_router_bias), model.flops_per_token(T) * B * T)
+        _steps[key] = (train_step(model, loss_of, device, model.update_router_bias, optimizer),
+                       model.flops_per_token(T) * B * T)
     return _steps[key]
 
 
@@ -184,8 +184,7 @@ def vs_mm(step, step_flops, device, args):
     return (step_flops / t_step) / (mm_flops / t_mm), step_flops / t_step, mm_flops / t_mm
 
 
-# ----------------------------------------------------------------------------------------------
-# rows: each adds its keys to `out`
+# --- rows: each adds its keys to `out` ---
 
 def row_train_vs_mm(args, device, out):
     cfg = load_config('deepseek_mini.py', **args.mini)
@@ -270,15 +269,18 @@ def row_moe_vs_dense(args, device, out):
 def row_moe_step_vs_dense(args, device, out):
     """The eager train step of config/deepseek_mini.py against the same step with one dense feed-forward
     of the width a token uses (n_expert=1 of hidden n_expert_active * expert_hidden: no router, sort or
-    gather; the same FLOPs per token): what routing costs per step. _card: the card's widths (768 wide,
-    experts of 2048, 12/4 heads of 64) in 2 layers at the mini config's vocabulary and tokens per step."""
+    gather; the same FLOPs per token): what routing costs per step. _muon: both with the config's own
+    optimizer, whose Newton-Schulz steps cost in proportion to all the experts' weights, not the active ones.
+    _card: the card's widths (768 wide, experts of 2048, 12/4 heads of 64) in 2 layers at the mini config's
+    vocabulary and tokens per step."""
     card = dict(n_layer=2, n_embd=768, n_head=12, n_kv_head=4, head_dim=64, expert_hidden=2048)
-    for key, sizes in (('moe_step_vs_dense', {}), ('moe_step_vs_dense_card', card)):
+    for key, sizes, optimizer in (('moe_step_vs_dense', {}, 'adamw'), ('moe_step_vs_dense_muon', {}, 'muon'),
+                                  ('moe_step_vs_dense_card', card, 'adamw')):
         cfg = load_config('deepseek_mini.py', **sizes, **args.mini)
         dense = {**cfg, 'n_expert': 1, 'n_expert_active': 1,
                  'expert_hidden': cfg['n_expert_active'] * cfg['expert_hidden']}
-        (step_moe, _), (step_dense, _) = our_train_step(cfg, device, False), our_train_step(dense, device, False)
-        t_moe, t_dense = timeit_pair(step_moe, step_dense, device, args.repeats)
+        t_moe, t_dense = timeit_pair(our_train_step(cfg, device, False, optimizer)[0],
+                                     our_train_step(dense, device, False, optimizer)[0], device, args.repeats)
         out[key] = t_dense / t_moe
 
 

@@ -1,8 +1,6 @@
-"""
-The model's machinery, beside it as DeepSeek-V3's kernel.py is: the experts' grouped matmul (with a plain
+"""The model's machinery, beside it as DeepSeek-V3's kernel.py is: the experts' grouped matmul (with a plain
 per-expert fallback), the LM head and its loss in chunks of rows, the MoE's dispatch and combine, the dtype
-matmuls run in under autocast, and activation checkpointing. model.py says what is computed; this file, how.
-"""
+matmuls run in under autocast, and activation checkpointing. model.py says what is computed; this file, how."""
 
 from contextlib import contextmanager, nullcontext
 
@@ -187,8 +185,7 @@ def pair_sum(pairs, gate=None):
     return y
 
 
-# ----------------------------------------------------------------------------------------------
-# Activation checkpointing: a block keeps only its input for backward, and runs its forward again there
+# --- Activation checkpointing: a block keeps only its input for backward, and runs its forward again there ---
 
 RECOMPUTING = [False]   # True while a block's forward runs again for its backward
 

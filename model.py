@@ -1,5 +1,4 @@
-"""
-A DeepSeek-style language model in one file.
+"""A DeepSeek-style language model in one file.
 
     token embedding (tied with the LM head)
     n_layer x Block:
@@ -9,8 +8,7 @@ A DeepSeek-style language model in one file.
 
 Reading order: ModelConfig; RoPE and the two attention types; the MoE (Router, experts); Block; KVCache;
 DeepSeekLM (forward, balancing, generation). How the matmuls and the loss run: kernel.py; the
-optimizers: optim.py. ModelConfig's defaults are the architecture card's model, 679.8M parameters.
-"""
+optimizers: optim.py. ModelConfig's defaults are the architecture card's model, 679.8M parameters."""
 
 import math
 from dataclasses import dataclass
@@ -92,8 +90,7 @@ class ModelConfig:
         return self.qk_rope_head_dim if self.attention == 'mla' else self.head_dim
 
 
-# ----------------------------------------------------------------------------------------------
-# Rotary position embedding (rotate-half convention: pairs are (i, i + D/2), not interleaved)
+# --- Rotary position embedding (rotate-half convention: pairs are (i, i + D/2), not interleaved) ---
 
 def rope_tables(dim, max_pos, theta):
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
@@ -129,8 +126,7 @@ def attend(q, k, v, attn_mask, is_causal, scale=None, expand_kv=False):
     return y.transpose(1, 2).reshape(B, T, -1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Attention type 1 (the card's): grouped-query attention with learnable latent tokens
+# --- Attention type 1 (the card's): grouped-query attention with learnable latent tokens ---
 
 class LatentTokenAttention(nn.Module):
     """Grouped-query attention: n_head query heads share n_kv_head key/value heads (the card: 12 and 4).
@@ -166,8 +162,7 @@ class LatentTokenAttention(nn.Module):
         return self.wo(attend(q, k, v, attn_mask, is_causal, expand_kv=self.expand_kv))
 
 
-# ----------------------------------------------------------------------------------------------
-# Attention type 2: DeepSeek-V2/V3 Multi-head Latent Attention
+# --- Attention type 2: DeepSeek-V2/V3 Multi-head Latent Attention ---
 
 class MultiHeadLatentAttention(nn.Module):
     """Keys and values are rebuilt from a small per-token latent c_kv (kv_lora_rank numbers) plus one
@@ -249,8 +244,7 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.einsum('bthr,hvr->bthv', o.view(B, T, H, self.rank), w_uv).reshape(B, T, H * self.v_dim)
 
 
-# ----------------------------------------------------------------------------------------------
-# Mixture of experts: a Router picks k experts per token; the experts run as grouped matmuls
+# --- Mixture of experts: a Router picks k experts per token; the experts run as grouped matmuls ---
 
 class Router(nn.Module):
     """Scores every expert, picks the top k of score + expert_bias, and counts the picks.
@@ -374,8 +368,7 @@ def max_violation(counts):
     return (counts.float().amax(-1) - mean) / mean.clamp(min=1e-9)
 
 
-# ----------------------------------------------------------------------------------------------
-# A block, and the KV cache that generation threads through the blocks
+# --- A block, and the KV cache that generation threads through the blocks ---
 
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx):
@@ -458,8 +451,7 @@ def attention_layout(key_valid, T, padded, first):
     return allowed.unsqueeze(1), False
 
 
-# ----------------------------------------------------------------------------------------------
-# The language model
+# --- The language model ---
 
 class DeepSeekLM(nn.Module):
 

@@ -1,7 +1,5 @@
-"""
-The optimizers: configure_optimizers splits a model's parameters between AdamW (from torch) and Muon, the
-optimizer for the blocks' weight matrices with --optimizer=muon; train.py's loop takes the step.
-"""
+"""The optimizers: configure_optimizers splits a model's parameters between AdamW (from torch) and Muon, the
+optimizer for the blocks' weight matrices with --optimizer=muon; train.py's loop takes the step."""
 
 import torch
 

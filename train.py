@@ -1,5 +1,4 @@
-"""
-Train the DeepSeek-style model: one process, or many with torchrun.
+"""Train the DeepSeek-style model: one process, or many with torchrun.
 
     python train.py config/deepseek_mini.py                   # 2-core CPU, minutes
     python train.py config/deepseek.py                        # one GPU (bf16, torch.compile)
@@ -12,8 +11,7 @@ Python) and then by --key=value or --key value, as in nanoGPT. The file reads as
 processes and device; data; the model, torch.compile, DDP or FSDP and the optimizer; the loop, with one
 optimizer step written out in it; evaluation; checkpoints; the final score on the whole validation split.
 The checks that run before the first step (settings, a resume's recipe, the data's identity, the output
-folder, disk and memory) are in preflight.py.
-"""
+folder, disk and memory) are in preflight.py."""
 
 import contextlib
 import dataclasses
@@ -37,8 +35,7 @@ from cli import UserError
 from model import DeepSeekLM, ModelConfig, max_violation
 from optim import configure_optimizers
 
-# -----------------------------------------------------------------------------
-# defaults
+# --- defaults ---
 out_dir = 'out-deepseek'   # the defaults are the full-size model; sample.py and plot_log.py look here too
 init_from = 'scratch'      # 'scratch' | 'resume' (continue from out_dir/ckpt.pt with its own settings)
 overwrite = False          # let a fresh start replace the run already in out_dir
@@ -264,8 +261,7 @@ def windows(data, split, starts, n, device):
     return x.to(device), y.to(device)
 
 
-# -----------------------------------------------------------------------------
-# evaluation
+# --- evaluation ---
 
 @torch.no_grad()
 def evaluate(model, raw_model, data, cfg, block_size, dev, show=False):
@@ -356,8 +352,7 @@ def score_checkpoint(ckpt, mconf, data, cfg, dev, master):
     return result
 
 
-# -----------------------------------------------------------------------------
-# checkpoints
+# --- checkpoints ---
 
 def save_checkpoints(cfg, raw_model, optimizers, scaler, data, mconf, dev, distributed, rank, world, it, best_val_loss,
                      run_id, data_rng, ev, last, log):
