@@ -17,15 +17,15 @@ def test_quick_run_prints_table_and_json():
     lines = p.stdout.strip().splitlines()
     out = json.loads(lines[-1])
     for key in ('train_vs_mm', 'train_vs_mm_eager', 'step_vs_gemm_floor', 'moe_vs_dense', 'moe_step_vs_dense',
-                'moe_step_vs_dense_card', 'latent_attn_vs_causal', 'cache_speedup',
+                'moe_step_vs_dense_muon', 'moe_step_vs_dense_card', 'latent_attn_vs_causal', 'cache_speedup',
                 'mla_decode_vs_latent', 'mla_decode_vs_latent_ctx16', 'latent_decode_tok_s', 'mla_decode_tok_s',
                 'vs_transformers', 'mfu', 'compile_speedup', 'state_gib', 'saved_gib', 'step_checkpointed_gib'):
         assert key in out, key
         assert any(line.startswith(key + ' ') for line in lines[:-1]), key   # a row of the table too
     assert out['step_checkpointed_gib'] < out['step_gib'] and out['gpus']['T4 16 GB']['checkpointing'] >= 1
     assert out['quick'] is True and out['mfu'] is None and out['train_vs_mm'] is None   # no compile in --quick
-    for key in ('train_vs_mm_eager', 'step_vs_gemm_floor', 'moe_vs_dense', 'moe_step_vs_dense', 'moe_step_vs_dense_card',
-                'latent_attn_vs_causal', 'cache_speedup', 'mla_decode_vs_latent'):
+    for key in ('train_vs_mm_eager', 'step_vs_gemm_floor', 'moe_vs_dense', 'moe_step_vs_dense', 'moe_step_vs_dense_muon',
+                'moe_step_vs_dense_card', 'latent_attn_vs_causal', 'cache_speedup', 'mla_decode_vs_latent'):
         assert 0 < out[key] < 1000, (key, out[key])
 
 
