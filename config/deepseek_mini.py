@@ -1,7 +1,8 @@
 # The architecture card's model family scaled for a 2-core CPU: same blocks (latent-token GQA with RoPE, 8 experts
 # top-2 with loss-free balancing, tied head), smaller everywhere, and its own 4,096-token BPE. Trained for a fixed
-# small compute budget: Muon for the blocks' matrices, a warmup-stable-decay schedule, no dropout, thin experts
-# and a bias update proportional to each expert's load error (docs/speedrun.md, docs/balancing.md).
+# small compute budget: Muon for the blocks' matrices, a warmup-stable-decay schedule, no dropout, thin experts,
+# a bias update proportional to each expert's load error, and 16 sequences a step, since Muon's cost is per step
+# and in proportion to all the experts' weights (docs/speedrun.md, docs/balancing.md, docs/moe_vs_dense.md).
 #   python prepare.py config/deepseek_mini.py && python train.py config/deepseek_mini.py
 out_dir = 'out-mini'
 dataset = 'shakespeare'
@@ -19,17 +20,17 @@ expert_hidden = 128
 expert_dropout = 0.0
 router_jitter = 0.0
 block_size = 128
-batch_size = 8
-max_iters = 2440
+batch_size = 16
+max_iters = 1444
 eval_interval = 250
-eval_iters = 10
+eval_iters = 5
 log_interval = 50
 optimizer = 'muon'
 learning_rate = 6e-3
 lr_schedule = 'wsd'
 cooldown_frac = 0.4
 min_lr = 0.0
-warmup_iters = 100
+warmup_iters = 60
 weight_decay = 0.1
 balance_rate = 3e-3
 balance_update = 'proportional'   # each bias moves by rate x its load's relative error (docs/balancing.md)
