@@ -147,11 +147,16 @@ def report_copies(completions, data, tokenizer_spec):
     t0 = time.time()
     try:
         corpus, n_docs = copycheck.training_text(data, tokenizer_spec)
-    except (UserError, OSError, MemoryError) as e:   # OSError: unreadable; the samples are out, so only say so
-        why = (f"cannot read {e.filename or 'the training data'} ({e.strerror or e})" if isinstance(e, OSError) else
-               "out of memory reading the training text (--copy_check=false turns it off)"
-               if isinstance(e, MemoryError) else e)
-        print(f"copy check skipped: {why}", file=sys.stderr)
+    except UserError as e:
+        print(f"copy check skipped: {e}", file=sys.stderr)
+        return None
+    except OSError as e:   # unreadable (permissions, a disk error): the samples are out, so only say so
+        print(f"copy check skipped: cannot read {e.filename or 'the training data'} ({e.strerror or e})",
+              file=sys.stderr)
+        return None
+    except MemoryError:
+        print("copy check skipped: out of memory reading the training text (--copy_check=false turns it off)",
+              file=sys.stderr)
         return None
     found = copycheck.longest_shared(completions, corpus)
     for i, (n, span) in enumerate(found):
@@ -171,9 +176,11 @@ def characters(n):
 
 def quoted(text, limit=80):
     """text in double quotes, escaped (newlines, quotes, anything unprintable) and cut after limit characters."""
-    body = ''.join('\\' + c if c in '"\\' else c if c.isprintable() else c.encode('unicode_escape').decode('ascii')
-                   for c in text[:limit])
-    return f'"{body}"' + ('...' if len(text) > limit else '')
+    def esc(c):
+        if c in '"\\':
+            return '\\' + c
+        return c if c.isprintable() else c.encode('unicode_escape').decode('ascii')
+    return '"' + ''.join(map(esc, text[:limit])) + '"' + ('...' if len(text) > limit else '')
 
 
 def size_text(n):
