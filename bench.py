@@ -170,7 +170,8 @@ def our_train_step(cfg, device, compiled, optimizer='adamw'):
 
         def loss_of(m):
             with ctx:
-                return m(x[:, :-1], x[:, 1:])[1]
+                loss = m(x[:, :-1], x[:, 1:])[1]
+            return loss + m.sequence_balance_loss()
         _steps[key] = (train_step(model, loss_of, device, model.update_router_bias, optimizer),
                        model.flops_per_token(T) * B * T)
     return _steps[key]

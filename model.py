@@ -52,6 +52,8 @@ class ModelConfig:
     balance_update: str = 'sign'    # 'sign': each bias moves by the full rate (DeepSeek-V3) | 'proportional':
                                     # by rate * its load's relative error, settling near balance (docs/balancing.md)
     router_center: bool = True      # route each token on its input minus its sequence's running mean (Router)
+    seq_balance_loss: float = 0.0   # weight of DeepSeek-V3's sequence-wise balance loss, added by train.py to
+                                    # the loss (0 = none, the card: balancing by the bias alone)
 
     def __post_init__(self):
         # sizes far beyond any model a machine can hold are refused here, before arithmetic on them overflows
@@ -74,7 +76,8 @@ class ModelConfig:
                              *((getattr(self, name) % 8, f"{name} must be a multiple of 8 (grouped matmul alignment), got "
                                 f"{getattr(self, name)}") for name in ('n_embd', 'expert_hidden')),
                              *((not 0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
-                               for name in ('expert_dropout', 'router_jitter', 'balance_rate', 'norm_eps'))):
+                               for name in ('expert_dropout', 'router_jitter', 'balance_rate', 'norm_eps',
+                                            'seq_balance_loss'))):
             if bad:
                 raise ValueError(message)
         if self.attention == 'mla':
@@ -254,12 +257,14 @@ class Router(nn.Module):
     gradient as an auxiliary loss does; DeepSeekLM.update_router_bias moves each bias against its
     expert's load after every optimizer step. With router_center, the router sees each token minus the
     running mean of its sequence: a document's shared topic and style would otherwise lean all of it
-    towards the same experts, a lean one global bias cannot cancel (docs/balancing.md)."""
+    towards the same experts, a lean one global bias cannot cancel (docs/balancing.md). With
+    seq_balance_loss > 0, training forwards also keep DeepSeek-V3's sequence-wise balance loss in seq_loss."""
 
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.layer_idx, self.center = layer_idx, cfg.router_center
         self.k, self.score, self.jitter = cfg.n_expert_active, cfg.router_score, cfg.router_jitter
+        self.seq_weight, self.seq_loss = cfg.seq_balance_loss, None
         self.weight = nn.Parameter(torch.empty(cfg.n_expert, cfg.n_embd))
         self.register_buffer('expert_bias', torch.zeros(cfg.n_expert))    # balancing state, never trained by SGD
         # each expert's load fraction averaged over steps, for inspecting a checkpoint (the bias reacts to counts)
@@ -285,11 +290,27 @@ class Router(nn.Module):
             expert = torch.topk(scores + self.expert_bias.float(), self.k, dim=-1).indices   # bias picks...
             gate = scores.gather(1, expert)                                                  # ...never weighs
             gate = gate / gate.sum(-1, keepdim=True)
+            if self.seq_weight > 0 and self.training and torch.is_grad_enabled():
+                seq_loss = self.sequence_balance_loss(scores, expert, *x.shape[:2])   # recomputed too: the
+                if not RECOMPUTING[0]:                          # second forward must save what the first did
+                    self.seq_loss = seq_loss
         flat = expert.flatten()
         counts = torch.zeros_like(self.expert_counts).scatter_add_(0, flat, torch.ones_like(flat))
         if not RECOMPUTING[0]:   # a checkpointed block's second forward picks the same experts again
             self.expert_counts.add_(counts)
         return gate, expert, counts
+
+    def sequence_balance_loss(self, scores, expert, B, T):
+        """DeepSeek-V3's complementary balance loss, weight * sum_i f_i * P_i averaged over the sequences:
+        f_i, expert i's share of the sequence's picks times n_expert / k (1 at balance), P_i its mean score
+        normalised over the experts. Its gradient lowers the scores of the experts a sequence over-uses, so
+        that each document, not only the whole training mix, spreads over the experts: held-out text, whose
+        documents the bias never saw, then balances too (docs/balancing.md). Training batches are never padded."""
+        E = scores.size(-1)
+        p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)                      # (B, E)
+        picks = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, expert.view(B, T * self.k), torch.ones(B, T * self.k, device=scores.device))   # (B, E)
+        return self.seq_weight * (picks * (E / (self.k * T)) * p).sum(1).mean()
 
     def centered(self, x, real, cache):
         """x (B, T, C) minus the mean of its sequence's tokens up to and including each one. With a cache,
@@ -559,6 +580,14 @@ class DeepSeekLM(nn.Module):
     def expert_counts(self):
         """(n_layer, n_expert) tokens routed to each expert since the last reset."""
         return torch.stack([r.expert_counts for r in self.routers()])
+
+    def sequence_balance_loss(self):
+        """The sequence-wise balance loss of the last training forward, summed over layers (0 with
+        seq_balance_loss = 0): train.py adds it to the loss it backpropagates, and logs the loss without it."""
+        terms = [r.seq_loss for r in self.routers() if r.seq_loss is not None]
+        for r in self.routers():
+            r.seq_loss = None
+        return sum(terms)
 
     def reset_expert_counts(self):
         for r in self.routers():

@@ -1,8 +1,9 @@
 # The architecture card's model family scaled for a 2-core CPU: same blocks (latent-token GQA with RoPE, 8 experts
 # top-2 with loss-free balancing, tied head), smaller everywhere, and its own 4,096-token BPE. Trained for a fixed
 # small compute budget: Muon for the blocks' matrices, a warmup-stable-decay schedule, no dropout, thin experts,
-# a bias update proportional to each expert's load error, and 24 sequences a step, since Muon's cost is per step
-# and in proportion to all the experts' weights (docs/speedrun.md, docs/balancing.md, docs/moe_vs_dense.md).
+# a bias update proportional to each expert's load error, DeepSeek-V3's sequence-wise balance loss beside it,
+# and 24 sequences a step, since Muon's cost is per step and in proportion to all the experts' weights
+# (docs/speedrun.md, docs/balancing.md, docs/moe_vs_dense.md).
 #   python prepare.py config/deepseek_mini.py && python train.py config/deepseek_mini.py
 out_dir = 'out-mini'
 dataset = 'shakespeare'
@@ -34,3 +35,4 @@ warmup_iters = 40
 weight_decay = 0.1
 balance_rate = 3e-3
 balance_update = 'proportional'   # each bias moves by rate x its load's relative error (docs/balancing.md)
+seq_balance_loss = 0.2            # spreads each sequence over the experts, so held-out plays balance too

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import DeepSeekLM, ModelConfig, MoE, apply_rope, attend, rope_tables, sample_next_token
+from model import DeepSeekLM, ModelConfig, MoE, apply_rope, attend, max_violation, rope_tables, sample_next_token
 from optim import configure_optimizers
 
 ATOL = 1e-5
@@ -749,6 +749,74 @@ def test_router_jitter_only_in_training_and_only_on_router_input():
     assert (y1 - y_eval).abs().amax() > 1e-4
     moe.router.jitter = 0.0
     torch.testing.assert_close(moe(x), y_eval, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize('score', ['softmax', 'sigmoid'])
+def test_sequence_balance_loss_matches_its_definition_with_grads(score):
+    """DeepSeek-V3's sequence-wise loss, written out sequence by sequence: weight * mean over sequences of
+    sum_i f_i * P_i, f_i = n_expert / (k T) * expert i's picks in the sequence, P_i = its mean score
+    normalised over the experts. Its gradient reaches the router through P alone (the picks are counts)."""
+    moe = make_moe(router_score=score, seq_balance_loss=0.3).train()
+    torch.manual_seed(12)
+    x = torch.randn(3, 10, 64)
+    _, expert, _ = moe.router(x)
+    got = moe.router.seq_loss
+    B, T, E, k = 3, 10, moe.n_expert, moe.k
+    w = moe.router.weight.detach().clone().requires_grad_(True)
+    per_sequence = []
+    for b in range(B):
+        s = centered_ref(x)[b] @ w.T
+        s = s.softmax(-1) if score == 'softmax' else s.sigmoid()
+        P = (s / s.sum(-1, keepdim=True)).mean(0)
+        picks = expert.view(B, T * k)[b].tolist()
+        f = torch.tensor([E / (k * T) * picks.count(i) for i in range(E)])
+        per_sequence.append((f * P).sum())
+    want = 0.3 * torch.stack(per_sequence).mean()
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(torch.autograd.grad(got, moe.router.weight)[0], torch.autograd.grad(want, w)[0],
+                               atol=ATOL, rtol=ATOL)
+
+
+def test_sequence_balance_loss_only_in_training_and_summed_over_layers_once():
+    """A training forward leaves each router's term; the model's sum takes them all and forgets them. Eval,
+    no-grad forwards and the default weight 0 leave none, so scoring and the card's model never see it."""
+    m = make_model(seq_balance_loss=0.1).train()
+    idx = tokens((2, 10), 13)
+    m(idx, idx)
+    terms = [b.moe.router.seq_loss for b in m.blocks]
+    assert all(t is not None and t.requires_grad for t in terms)
+    torch.testing.assert_close(m.sequence_balance_loss(), terms[0] + terms[1], atol=0, rtol=0)
+    assert m.sequence_balance_loss() == 0
+    with torch.no_grad():
+        m(idx, idx)
+    m.eval()
+    m(idx, idx)
+    assert m.sequence_balance_loss() == 0
+    plain = make_model().train()
+    plain(idx, idx)
+    assert plain.sequence_balance_loss() == 0
+
+
+def test_sequence_balance_loss_spreads_each_sequence_over_the_experts():
+    """Sequences that each lean towards their own experts (a plain router, a shift shared by all of a
+    sequence's tokens): gradient steps on the loss alone spread every sequence's picks, which one global
+    bias per expert cannot do."""
+    moe = make_moe(router_center=False, seq_balance_loss=0.5).train()
+    torch.manual_seed(14)
+    x = 0.3 * torch.randn(4, 32, 64) + torch.randn(4, 1, 64)
+    opt = torch.optim.Adam([moe.router.weight], lr=5e-3)
+
+    def per_sequence_max_vio():
+        _, expert, _ = moe.router(x)
+        picks = torch.zeros(4, moe.n_expert).scatter_add_(1, expert.view(4, -1), torch.ones(4, 64))
+        return max_violation(picks).mean().item()
+    before = per_sequence_max_vio()
+    for _ in range(100):
+        moe.router(x)
+        opt.zero_grad()
+        moe.router.seq_loss.backward()
+        opt.step()
+    assert per_sequence_max_vio() < 0.25 * before
 
 
 # ----------------------------------------------------------------------------------------------

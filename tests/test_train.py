@@ -240,14 +240,26 @@ def test_fp16_resume_keeps_the_loss_scale(data_dir, tmp_path):
 
 def test_activation_checkpointing_trains_the_same(data_dir, tmp_path, capsys):
     """--activation_checkpointing=true recomputes each block in backward: the same losses, step for step,
-    with expert dropout and router jitter on (the recomputation draws the same random numbers)."""
+    with expert dropout, router jitter and the sequence-wise balance loss on (the recomputation draws the
+    same random numbers, and its router adds no second balance term)."""
     args = [*TINY, f'--data_dir={data_dir}', '--log_interval=1', '--eval_interval=6', '--max_iters=6',
-            '--expert_dropout=0.2', '--router_jitter=0.2']
+            '--expert_dropout=0.2', '--router_jitter=0.2', '--seq_balance_loss=0.3']
     train_here(*args, f'--out_dir={tmp_path}/plain', '--activation_checkpointing=false')
     assert 'activation checkpointing off' in capsys.readouterr().out
     train_here(*args, f'--out_dir={tmp_path}/recomputed', '--activation_checkpointing=true')
     assert 'activation checkpointing on' in capsys.readouterr().out
     assert losses(f'{tmp_path}/plain') == losses(f'{tmp_path}/recomputed')
+
+
+def test_the_sequence_balance_loss_is_trained_on_and_left_out_of_the_logged_loss(data_dir, tmp_path):
+    """--seq_balance_loss adds DeepSeek-V3's sequence-wise term to the loss that is backpropagated (the run
+    goes elsewhere from step 2 on) but not to the logged loss (step 1's, the same forward, is the same)."""
+    args = [*TINY, f'--data_dir={data_dir}', '--log_interval=1', '--eval_interval=4', '--max_iters=4']
+    train_here(*args, f'--out_dir={tmp_path}/plain')
+    train_here(*args, f'--out_dir={tmp_path}/balanced', '--seq_balance_loss=0.5')
+    plain, balanced = losses(f'{tmp_path}/plain'), losses(f'{tmp_path}/balanced')
+    assert plain[1] == balanced[1]
+    assert plain[4] != balanced[4]
 
 
 def test_memory_plan_turns_checkpointing_on_and_refuses_what_cannot_fit(data_dir, tmp_path, capsys, monkeypatch):
