@@ -52,8 +52,7 @@ class ModelConfig:
     balance_update: str = 'sign'    # 'sign': each bias moves by the full rate (DeepSeek-V3) | 'proportional':
                                     # by rate * its load's relative error, settling near balance (docs/balancing.md)
     router_center: bool = True      # route each token on its input minus its sequence's running mean (Router)
-    seq_balance_loss: float = 0.0   # weight of DeepSeek-V3's sequence-wise balance loss, added by train.py to
-                                    # the loss (0 = none, the card: balancing by the bias alone)
+    seq_balance_loss: float = 0.0   # weight of DeepSeek-V3's sequence-wise balance loss (0: the card's, bias alone)
 
     def __post_init__(self):
         # sizes far beyond any model a machine can hold are refused here, before arithmetic on them overflows
@@ -301,11 +300,9 @@ class Router(nn.Module):
         return gate, expert, counts
 
     def sequence_balance_loss(self, scores, expert, B, T):
-        """DeepSeek-V3's complementary balance loss, weight * sum_i f_i * P_i averaged over the sequences:
-        f_i, expert i's share of the sequence's picks times n_expert / k (1 at balance), P_i its mean score
-        normalised over the experts. Its gradient lowers the scores of the experts a sequence over-uses, so
-        that each document, not only the whole training mix, spreads over the experts: held-out text, whose
-        documents the bias never saw, then balances too (docs/balancing.md). Training batches are never padded."""
+        """DeepSeek-V3's complementary balance loss: weight * sum_i f_i * P_i, averaged over the (unpadded) sequences,
+        f_i being expert i's share of a sequence's picks times n_expert / k (1 at balance), P_i its mean normalised
+        score. Its gradient spreads each document, not only the training mix, so held-out plays balance too."""
         E = scores.size(-1)
         p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)                      # (B, E)
         picks = torch.zeros(B, E, device=scores.device).scatter_add_(
@@ -582,8 +579,8 @@ class DeepSeekLM(nn.Module):
         return torch.stack([r.expert_counts for r in self.routers()])
 
     def sequence_balance_loss(self):
-        """The sequence-wise balance loss of the last training forward, summed over layers (0 with
-        seq_balance_loss = 0): train.py adds it to the loss it backpropagates, and logs the loss without it."""
+        """The last training forward's sequence-wise balance loss over all layers (0 if off), handed over once:
+        train.py backpropagates it with the loss, and logs the loss without it."""
         terms = [r.seq_loss for r in self.routers() if r.seq_loss is not None]
         for r in self.routers():
             r.seq_loss = None
