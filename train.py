@@ -177,8 +177,7 @@ def train(cfg, mconf, data, dev, processes, ckpt, recompute, memory_line, heartb
                 model.require_backward_grad_sync = micro == accum - 1
             with dev.autocast():
                 _, loss = model(X, Y)
-            seq_balance = raw_model.sequence_balance_loss()   # 0 unless seq_balance_loss is set
-            scaler.scale((loss + seq_balance) / accum).backward()
+            scaler.scale((loss + raw_model.sequence_balance_loss()) / accum).backward()   # balance term: 0 if off
             step_loss += loss.detach() / accum
         for opt in optimizers:
             scaler.unscale_(opt)
