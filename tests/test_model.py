@@ -1023,6 +1023,31 @@ def test_compile_fullgraph_forward_backward_matches_eager():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
+def test_sequence_balance_loss_survives_compiled_blocks():
+    """train.py compiles each block with fullgraph=True; the router hands its balance term over in an attribute
+    set inside the compiled graph: no graph break, and the same term and router gradient as eager."""
+    import torch._dynamo
+    idx = tokens((2, 16), 3)
+    results = []
+    for compiled in (False, True):
+        m = make_model(seq_balance_loss=0.3).train()
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        try:
+            if compiled:
+                for block in m.blocks:
+                    block.compile(fullgraph=True, backend='aot_eager')
+            _, loss = m(idx, idx)
+            balance = m.sequence_balance_loss()
+            (loss + balance).backward()
+            assert not torch._dynamo.utils.counters['graph_break']
+        finally:
+            torch._dynamo.reset()
+        results.append((balance.detach(), m.blocks[0].moe.router.weight.grad))
+    assert results[1][0] > 0
+    torch.testing.assert_close(results[1], results[0], atol=ATOL, rtol=ATOL)
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float64])
 def test_model_cast_to_another_dtype_trains_and_generates(dtype):
     """model.to(dtype): the balancing counts stay exact integers, forward, backward and generation run."""
