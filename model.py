@@ -290,8 +290,9 @@ class Router(nn.Module):
             gate = scores.gather(1, expert)                                                  # ...never weighs
             gate = gate / gate.sum(-1, keepdim=True)
             if self.seq_weight > 0 and self.training and torch.is_grad_enabled():
-                seq_loss = self.sequence_balance_loss(scores, expert, *x.shape[:2])   # recomputed too: the
-                if not RECOMPUTING[0]:                          # second forward must save what the first did
+                # computed in a checkpointed block's second forward too, which must save what the first saved
+                seq_loss = self.sequence_balance_loss(scores, expert, *x.shape[:2])
+                if not RECOMPUTING[0]:
                     self.seq_loss = seq_loss
         flat = expert.flatten()
         counts = torch.zeros_like(self.expert_counts).scatter_add_(0, flat, torch.ones_like(flat))
