@@ -1,6 +1,7 @@
 """The model's machinery, beside it as DeepSeek-V3's kernel.py is: the experts' grouped matmul (with a plain
 per-expert fallback), the LM head and its loss in chunks of rows, the MoE's dispatch and combine, the dtype
-matmuls run in under autocast, and activation checkpointing. model.py says what is computed; this file, how."""
+matmuls run in under autocast, activation checkpointing, and the KV cache that generation keeps. model.py says
+what is computed; this file, how."""
 
 from contextlib import contextmanager, nullcontext
 
@@ -204,3 +205,73 @@ def recomputing():
         yield
     finally:
         RECOMPUTING[0] = False
+
+
+# --- The KV cache that generation threads through the blocks, and how new tokens attend to its slots ---
+
+class KVCache:
+    """Keys and values of every layer for generation, laid out (B, slot, ...): the n_latent latent slots,
+    then the tokens in order; which slots are padding (left-padded prompts); each row's count of real
+    tokens (the next RoPE position); and per layer the running sums of the routers' inputs."""
+
+    def __init__(self, batch_size, n_latent, max_tokens, n_layer, device):
+        self.n_latent, self.max_slots = n_latent, n_latent + max_tokens
+        self.buffers = [None] * n_layer
+        self.router_sums = [None] * n_layer   # (sum, count) of each row's router inputs so far
+        self.start = self.len = 0      # this forward's new slots are [start, len)
+        self.padded = False
+        self.key_valid = torch.ones(batch_size, self.max_slots, dtype=torch.bool, device=device)
+        self.n_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def first(self):   # the forward that fills an empty cache: its latent slots come first
+        return self.start == 0
+
+    @property
+    def tokens(self):
+        return max(self.len - self.n_latent, 0)
+
+    def advance(self, real, padded):
+        """Reserve the slots of a forward over real (B, T) (False = padding): the latents first if the cache
+        is empty, then T token slots. Returns the tokens' RoPE positions (B, T)."""
+        T = real.size(1)
+        first_token = self.len + (self.n_latent if self.len == 0 else 0)
+        if first_token + T > self.max_slots:
+            raise ValueError(f"{T} more tokens overflow the cache ({self.tokens} of {self.max_slots - self.n_latent} used)")
+        pos = self.n_tokens[:, None] + real.long().cumsum(1) - 1
+        self.n_tokens += real.sum(1)
+        self.key_valid[:, first_token:first_token + T] = real
+        self.padded = self.padded or padded
+        self.start, self.len = self.len, first_token + T
+        return pos
+
+    def update(self, layer, *new):
+        """Write a layer's new entries (B, len - start, ...) into their slots; return all filled slots."""
+        if self.buffers[layer] is None:
+            self.buffers[layer] = [t.new_empty(t.size(0), self.max_slots, *t.shape[2:]) for t in new]
+        for buf, x in zip(self.buffers[layer], new):
+            buf[:, self.start:self.len] = x
+        return [buf[:, :self.len] for buf in self.buffers[layer]]
+
+    def mark(self):
+        """The point to rewind to: decode several continuations of one prefilled prompt."""
+        return self.len, self.padded, self.n_tokens.clone(), list(self.router_sums)
+
+    def rewind(self, mark):
+        """Forget every token added since mark(); their slots are overwritten by the next ones."""
+        self.len, self.padded, n_tokens, sums = mark
+        self.start, self.n_tokens, self.router_sums = self.len, n_tokens.clone(), list(sums)
+
+
+def attention_layout(key_valid, T, padded, first):
+    """How T new tokens attend to S = key_valid.size(1) key slots (latents, earlier tokens, themselves):
+    the is_causal fast path when nothing is padded and nothing was cached before; no mask for a single
+    decoded token; otherwise an explicit (B, 1, T, S) mask: every valid earlier slot and itself."""
+    if not padded and (first or T == 1):
+        return None, first
+    S = key_valid.size(1)
+    q_slot = S - T + torch.arange(T, device=key_valid.device)
+    k_slot = torch.arange(S, device=key_valid.device)
+    allowed = (k_slot[None, :] <= q_slot[:, None]) & key_valid[:, None, :]   # (B, T, S)
+    allowed |= k_slot[None, :] == q_slot[:, None]   # a padding query sees itself: no all-masked rows
+    return allowed.unsqueeze(1), False
