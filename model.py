@@ -302,9 +302,10 @@ class Router(nn.Module):
         return gate, expert, counts
 
     def sequence_balance_loss(self, scores, expert, B, T):
-        """DeepSeek-V3's complementary balance loss: weight * sum_i f_i * P_i, averaged over the (unpadded) sequences,
-        f_i being expert i's share of a sequence's picks times n_expert / k (1 at balance), P_i its mean normalised
-        score. Its gradient spreads each document, not only the training mix, so held-out plays balance too."""
+        """DeepSeek-V3's complementary balance loss: weight * sum_i f_i * P_i, averaged over the sequences (every
+        token counts: training forwards carry no padding), f_i being expert i's share of a sequence's picks times
+        n_expert / k (1 at balance), P_i its mean normalised score. Its gradient spreads each document, not only
+        the training mix, so held-out plays balance too."""
         E = scores.size(-1)
         p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)                      # (B, E)
         picks = torch.zeros(B, E, device=scores.device).scatter_add_(
