@@ -179,10 +179,11 @@ class Combine(torch.autograd.Function):
 
 def pair_sum(pairs, gate=None):
     """(N, k, D) -> (N, D): the sum over k, each term weighted by gate (N, k) if given, as a running sum
-    of the k slices (on a CPU, faster than a reduction over the middle axis)."""
+    of the k slices (on a CPU, faster than a reduction over the middle axis). Out of place: torch.compile in
+    torch 2.11 drops the gradients of an autograd Function whose output was written in place."""
     y = pairs[:, 0] if gate is None else pairs[:, 0] * gate[:, :1]
     for j in range(1, pairs.size(1)):
-        y = y + pairs[:, j] if gate is None else y.addcmul_(pairs[:, j], gate[:, j:j + 1])
+        y = y + pairs[:, j] if gate is None else torch.addcmul(y, pairs[:, j], gate[:, j:j + 1])
     return y
 
 
