@@ -37,10 +37,10 @@ def settings_of(namespace):
 
 
 def parse_config(argv, defaults, skip_file_keys=()):
-    """Config files, then overrides, from argv merged into a copy of defaults. Returns (config, given): given maps
+    """Config files, then overrides, from argv merged into a copy of defaults. Returns (config, origin): origin maps
     each key set to where it came from (the file's path, or '--' for an override). Config files may also set
     keys in skip_file_keys (another script's; True = any), which are ignored; any other unknown key is an error."""
-    config, given = dict(defaults), {}
+    config, origin = dict(defaults), {}
     items = split_argv(argv, defaults)
     for _, _, path in (item for item in items if item[2]):
         for key, value in read_config_file(path).items():
@@ -51,11 +51,11 @@ def parse_config(argv, defaults, skip_file_keys=()):
                     continue
                 raise unknown_key(key, defaults, f" in {path}")
             config[key] = check_type(key, value, defaults[key], f"{show(value)} (in {path})")
-            given[key] = path
+            origin[key] = path
     for key, raw, _ in (item for item in items if item[0]):
         config[key] = parse_value(key, raw, defaults[key])
-        given[key] = '--'
-    return config, given
+        origin[key] = '--'
+    return config, origin
 
 
 def split_argv(argv, defaults):

@@ -154,8 +154,8 @@ def training_text(data, tokenizer_spec):
         raise UserError("the checkpoint does not record its training data")
     ddir = data['dir']
     # locked as train.py locks it: a prepare.py rewriting the folder is not read halfway
-    held = checkpoint.lock_folder(ddir, 'copy check', shared=True) if os.path.isdir(ddir) else None
-    with held or contextlib.nullcontext():   # a lock file, closed at the end
+    lock = checkpoint.lock_folder(ddir, 'copy check', shared=True) if os.path.isdir(ddir) else None
+    with lock or contextlib.nullcontext():   # a lock file, closed at the end
         made_with = data.get('prepared_with')   # missing or damaged: read_meta says how to make it again
         meta = dataset.read_meta(ddir, dataset.remake_command(made_with, ddir) if isinstance(made_with, dict) else None)
         if dataset.differences(data, tokenizer_spec, meta):

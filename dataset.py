@@ -358,8 +358,8 @@ def discard_leftovers(data_dir):
     for left in staging_folder(data_dir, None):
         if os.path.isdir(left) and not os.path.islink(left) and os.path.dirname(left) != os.path.realpath(data_dir):
             # its dataset too, where data_dir has none: a run killed amid a swap by renames (no renameat2)
-            held = DATASET_FILES if os.path.lexists(os.path.join(data_dir, 'meta.json')) else ()
-            merge(left, data_dir, skip=('.lock', *held, *(name + '.tmp' for name in DATASET_FILES)))
+            its_own = DATASET_FILES if os.path.lexists(os.path.join(data_dir, 'meta.json')) else ()
+            merge(left, data_dir, skip=('.lock', *its_own, *(name + '.tmp' for name in DATASET_FILES)))
         remove_tree(left)
 
 

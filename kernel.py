@@ -232,16 +232,16 @@ class KVCache:
     def tokens(self):
         return max(self.len - self.n_latent, 0)
 
-    def advance(self, real, padded):
-        """Reserve the slots of a forward over real (B, T) (False = padding): the latents first if the cache
+    def advance(self, is_token, padded):
+        """Reserve the slots of a forward over is_token (B, T) (False = padding): the latents first if the cache
         is empty, then T token slots. Returns the tokens' RoPE positions (B, T)."""
-        T = real.size(1)
+        T = is_token.size(1)
         first_token = self.len + (self.n_latent if self.len == 0 else 0)
         if first_token + T > self.max_slots:
             raise ValueError(f"{T} more tokens overflow the cache ({self.tokens} of {self.max_slots - self.n_latent} used)")
-        pos = self.n_tokens[:, None] + real.long().cumsum(1) - 1
-        self.n_tokens += real.sum(1)
-        self.key_valid[:, first_token:first_token + T] = real
+        pos = self.n_tokens[:, None] + is_token.long().cumsum(1) - 1
+        self.n_tokens += is_token.sum(1)
+        self.key_valid[:, first_token:first_token + T] = is_token
         self.padded = self.padded or padded
         self.start, self.len = self.len, first_token + T
         return pos

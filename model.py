@@ -272,19 +272,19 @@ class Router(nn.Module):
         # picks since the last balancing update; an integer, so that counts stay exact in any model dtype
         self.register_buffer('expert_counts', torch.zeros(cfg.n_expert, dtype=torch.long), persistent=False)
 
-    def forward(self, x, real=None, cache=None):
+    def forward(self, x, is_token=None, cache=None):
         """x (B, T, D) -> gates (B*T, k) fp32 summing to 1, chosen experts (B*T, k), tokens per expert.
-        real (B, T): False for left padding, which the sequence means leave out."""
+        is_token (B, T): False for left padding, which the sequence means leave out."""
         with torch.autocast(x.device.type, enabled=False):   # routing decisions in fp32
             r_in, weight = x.float(), self.weight.float()
             if self.training and self.jitter > 0:   # multiplicative noise on the (centred) input: explores
                 if self.center:
-                    r_in = self.centered(r_in, real, cache)
+                    r_in = self.centered(r_in, is_token, cache)
                 logits = F.linear(r_in * torch.empty_like(r_in).uniform_(1.0 - self.jitter, 1.0 + self.jitter), weight)
             else:   # centring commutes with the projection: centre the n_expert logits, not the n_embd inputs
                 logits = F.linear(r_in, weight)
                 if self.center:
-                    logits = self.centered(logits, real, cache)
+                    logits = self.centered(logits, is_token, cache)
             logits = logits.flatten(0, 1)
             scores = logits.softmax(-1) if self.score == 'softmax' else logits.sigmoid()
             expert = torch.topk(scores + self.expert_bias.float(), self.k, dim=-1).indices   # bias picks...
@@ -312,14 +312,14 @@ class Router(nn.Module):
             1, expert.view(B, T * self.k), torch.ones(B, T * self.k, device=scores.device))   # (B, E)
         return self.seq_weight * (picks * (E / (self.k * T)) * p).sum(1).mean()
 
-    def centered(self, x, real, cache):
+    def centered(self, x, is_token, cache):
         """x (B, T, C) minus the mean of its sequence's tokens up to and including each one. With a cache,
         each row's running (sum, count) carries over from earlier forwards, so decoding routes exactly
         as a full forward over the same tokens does."""
-        if real is None:
+        if is_token is None:
             total, count = x.cumsum(1), torch.arange(1, x.size(1) + 1, device=x.device, dtype=x.dtype)[None, :, None]
         else:
-            m = real[..., None].to(x.dtype)
+            m = is_token[..., None].to(x.dtype)
             total, count = (x * m).cumsum(1), m.cumsum(1)
         if cache is not None:
             if cache.router_sums[self.layer_idx] is not None:
@@ -351,12 +351,12 @@ class MoE(nn.Module):
             self.shared = nn.Sequential(nn.Linear(cfg.n_embd, hidden, bias=False), nn.SiLU(),
                                         nn.Linear(hidden, cfg.n_embd, bias=False), nn.Dropout(cfg.expert_dropout))
 
-    def forward(self, x, real=None, cache=None):
+    def forward(self, x, is_token=None, cache=None):
         if self.n_expert == 1:   # the dense baseline (docs/moe_vs_dense.md): no router, sort or gather
             y = self.dropout(F.silu(x @ self.w1[0]) @ self.w2[0])
             return y if self.shared is None else y + self.shared(x)
         B, T, D = x.shape
-        gate, expert, counts = self.router(x, real, cache)
+        gate, expert, counts = self.router(x, is_token, cache)
         x = x.reshape(B * T, D)
         dtype, gate = matmul_dtype(x), gate.to(x.dtype)   # matmuls in autocast's dtype, the weighted sum in x's
         if not self.training and expert.numel() < self.n_expert:
@@ -399,9 +399,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.moe = MoE(cfg, layer_idx)
 
-    def forward(self, x, cos, sin, attn_mask, is_causal, cache=None, real=None):
+    def forward(self, x, cos, sin, attn_mask, is_causal, cache=None, is_token=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache)
-        return x + self.moe(self.ffn_norm(x), real, cache)
+        return x + self.moe(self.ffn_norm(x), is_token, cache)
 
 
 # --- The language model ---
@@ -480,21 +480,21 @@ class DeepSeekLM(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        real = torch.ones(B, T, dtype=torch.bool, device=idx.device) if attention_mask is None else attention_mask.bool()
         padded = attention_mask is not None
+        is_token = attention_mask.bool() if padded else torch.ones(B, T, dtype=torch.bool, device=idx.device)
         if cache is None:   # RoPE positions count from 0 at each row's first real token
-            pos = real.long().cumsum(1) - 1
-            key_valid = F.pad(real, (self.config.n_latent, 0), value=True) if padded else real
+            pos = is_token.long().cumsum(1) - 1
+            key_valid = F.pad(is_token, (self.config.n_latent, 0), value=True) if padded else is_token
             attn_mask, is_causal = attention_layout(key_valid, T, padded, first=True)
         else:
-            pos = cache.advance(real, padded)
+            pos = cache.advance(is_token, padded)
             attn_mask, is_causal = attention_layout(cache.key_valid[:, :cache.len], T, cache.padded, cache.first)
         pos = pos.clamp(min=0)
         cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)   # (B, T, 1, D/2)
         x = self.wte(idx)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:   # with recompute, a block keeps only its input; backward runs it again
-            args = (x, cos, sin, attn_mask, is_causal, cache, real if padded else None)
+            args = (x, cos, sin, attn_mask, is_causal, cache, is_token if padded else None)
             x = checkpointed(block, *args) if recompute else block(*args)
         x = self.norm_f(x)
         if targets is None:

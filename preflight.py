@@ -229,11 +229,11 @@ def open_data(cfg, argv, ckpt, locks, defaults):
     if os.path.isdir(ddir):   # None: a folder this process cannot write, which nobody prepares into from here
         locks.enter_context(checkpoint.lock_folder(ddir, 'training run', shared=True) or contextlib.nullcontext())
     if ckpt is None:   # how to make this data: the config files and data overrides given
-        given = cli.split_argv(argv, defaults)
-        cmd = ds.prepare_command(ddir, [path or f'--{key}={raw}' for key, raw, path in given
+        arguments = cli.split_argv(argv, defaults)
+        cmd = ds.prepare_command(ddir, [path or f'--{key}={raw}' for key, raw, path in arguments
                                         if path or key in ds.DATASET_DEFAULTS])
         if not os.path.exists(os.path.join(ddir, 'meta.json')):
-            check_preparable(cfg, ddir, any(path for _, _, path in given))
+            check_preparable(cfg, ddir, any(path for _, _, path in arguments))
     else:   # the settings that made the checkpoint's data, into this folder
         cmd = ds.remake_command(ckpt['data']['prepared_with'], ddir)
     meta = ds.read_meta(ddir, cmd)

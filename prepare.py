@@ -104,14 +104,14 @@ def main(argv):
 
 
 def check_config(cfg):
-    name, given = cfg['dataset'], cfg['url'] or cfg['input']
+    name, own_text = cfg['dataset'], cfg['url'] or cfg['input']
     if not re.fullmatch(r'[A-Za-z0-9_][A-Za-z0-9_.-]*', name):
         raise UserError(f"bad dataset name {name!r}: use letters, digits, '_', '-' and '.'")
     if cfg['url'] and cfg['input']:
         raise UserError("give --url or --input, not both")
-    if given and name in dataset.BUILTIN:
+    if own_text and name in dataset.BUILTIN:
         raise UserError(f"--url/--input text needs a dataset name of its own (not '{name}'): add --dataset=NAME")
-    if not given and name not in dataset.BUILTIN:
+    if not own_text and name not in dataset.BUILTIN:
         raise UserError(f"unknown dataset '{name}': use {', '.join(dataset.BUILTIN)}, or --url=URL / --input=PATH "
                         f"with a name of your own")
     try:   # what requests would trip over ('http://[::1', a port past 65535), before anything is written
