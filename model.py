@@ -291,10 +291,9 @@ class Router(nn.Module):
             gate = scores.gather(1, expert)                                                  # ...never weighs
             gate = gate / gate.sum(-1, keepdim=True)
             if self.seq_weight > 0 and self.training and torch.is_grad_enabled():
-                # computed in a checkpointed block's second forward too, which must save what the first saved
-                seq_loss = self.sequence_balance_loss(scores, expert, *x.shape[:2])
-                if not RECOMPUTING[0]:
-                    self.seq_loss = seq_loss
+                # kept by a checkpointed block's second forward too (the next forward replaces it): that forward
+                # must save what the first saved, and a compiled block saves only what reaches an output
+                self.seq_loss = self.sequence_balance_loss(scores, expert, *x.shape[:2])
         flat = expert.flatten()
         counts = torch.zeros_like(self.expert_counts).scatter_add_(0, flat, torch.ones_like(flat))
         if not RECOMPUTING[0]:   # a checkpointed block's second forward picks the same experts again

@@ -1023,14 +1023,17 @@ def test_compile_fullgraph_forward_backward_matches_eager():
         torch.testing.assert_close(p.grad, grads[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
-def test_sequence_balance_loss_survives_compiled_blocks():
+@pytest.mark.parametrize('recompute', [False, True])
+def test_sequence_balance_loss_survives_compiled_blocks(recompute):
     """train.py compiles each block with fullgraph=True; the router hands its balance term over in an attribute
-    set inside the compiled graph: no graph break, and the same term and router gradient as eager."""
+    set inside the compiled graph: no graph break, and the same term and router gradient as eager. With
+    activation checkpointing too, where the compiled block runs again in backward and must save the same."""
     import torch._dynamo
     idx = tokens((2, 16), 3)
     results = []
     for compiled in (False, True):
         m = make_model(seq_balance_loss=0.3).train()
+        m.activation_checkpointing = recompute
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         try:
