@@ -609,6 +609,19 @@ def test_expert_dropout_only_in_training_on_expert_outputs():
     assert not (moe_plain(x) == 0).any()
 
 
+def test_the_combines_output_is_never_written_in_place():
+    """torch.compile in torch 2.11 drops every gradient of an autograd Function whose output was written in
+    place: compiled, an in-place weighted sum in the MoE's combine gave the experts none (docs/full-size.md).
+    The suite runs on a torch where that works either way, so the property itself is checked: a fresh output,
+    never bumped by an in-place write, for k = 1, 2 and 3."""
+    from kernel import Combine
+    for k in (1, 2, 3):
+        order = torch.randperm(5 * k, generator=torch.Generator().manual_seed(k))
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(5 * k))
+        y = Combine.apply(torch.randn(5 * k, 4), torch.rand(5, k), order, inv)
+        assert y._version == 0
+
+
 def test_grouped_mm_fallback_loop_equals_kernel():
     """GPUs without the grouped-matmul kernel (fp16, compute capability < 8.0) take one matmul per group;
     on the CPU both exist, so the loop is checked against the kernel in both forms and through the MoE."""
